@@ -1,0 +1,30 @@
+"""pagedserve: a plugin-based LLM inference engine with a paged KV cache.
+
+Kept light on purpose: ``LLM`` and ``SamplingParams`` are imported on first use, so that loading
+plugins and ``pagedserve --help`` never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pagedserve.core.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "hookimpl", "__version__"]
+
+if TYPE_CHECKING:
+    from pagedserve.core.llm import LLM
+    from pagedserve.core.sampling_params import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from pagedserve.core.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from pagedserve.core.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'pagedserve' has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""EngineConfig and its parts, validated at construction with messages that say what to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the setting and what it accepts."""
+
+
+def _positive(name: str, value: int | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how: a local HF folder, a bundled short name or a hub id."""
+
+    model: str
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    revision: str | None = None
+    served_model_name: str | None = None
+    #: Filled by the loader: the transformers config and the resolved folder.
+    hf_config: Any = field(default=None, repr=False)
+    model_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model must be a path or model id (a non-empty string)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _positive("max_model_len", self.max_model_len, allow_none=True)
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache: block size, capacity and prefix caching."""
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    prefix_hash: str = "sha256"
+    eviction_policy: str = "lru"
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        _positive("num_kv_blocks", self.num_kv_blocks, allow_none=True)
+        _positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes, allow_none=True)
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            raise ConfigError("set num_kv_blocks or kv_cache_memory_bytes, not both")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass
+class SchedulerConfig:
+    """One token budget a step; chunked prefill is always on."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+
+
+@dataclass
+class DeviceConfig:
+    """Where the model runs: ``auto`` is CUDA when available, else the CPU."""
+
+    device: str = "auto"
+    model_runner: str | None = None
+
+    def resolved(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1:
+            raise ConfigError("tensor_parallel_size > 1 is not supported yet; use 1")
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, in one object."""
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    attention_backend: str | None = None
+    sampler: str = "default"
+    quantization: str | None = None
+
+    def finalize(self, model_max_len: int) -> None:
+        """Settle the settings that depend on the model (called once the HF config is read)."""
+        if self.model.max_model_len is None:
+            self.model.max_model_len = model_max_len
+        elif self.model.max_model_len > model_max_len:
+            raise ConfigError(
+                f"max_model_len={self.model.max_model_len} exceeds the model's maximum "
+                f"context ({model_max_len}); lower max_model_len"
+            )
+        sched = self.scheduler
+        if sched.max_num_batched_tokens is None:
+            sched.max_num_batched_tokens = max(2048, sched.max_num_seqs)
+        if sched.max_num_batched_tokens < sched.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({sched.max_num_seqs}) so every running request can decode"
+            )

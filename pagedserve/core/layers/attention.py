@@ -1,0 +1,107 @@
+"""The attention layer model code uses, and the backend interface that plugins implement."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from pagedserve.core.forward_context import BatchLayout, get_forward_context
+
+if TYPE_CHECKING:
+    from pagedserve.core.config import EngineConfig
+
+
+class AttentionBackend(ABC):
+    """Paged attention for one engine: metadata built once a step, ``forward`` once per layer.
+
+    The KV cache of each layer is one tensor whose shape the backend chooses
+    (``kv_cache_shape``); the backend both writes the step's new K/V into it (at
+    ``slot_mapping``) and attends over it through the block tables.
+    """
+
+    name: str = ""
+
+    @classmethod
+    def supports(cls, config: EngineConfig) -> str | None:
+        """``None`` when this backend can serve ``config``, else the reason it cannot."""
+        return None
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @staticmethod
+    def kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int
+    ) -> tuple[int, ...]:
+        """Default layout: ``[2 (K, V), num_blocks, block_size, num_kv_heads, head_size]``."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    def copy_blocks(self, kv_caches: list[torch.Tensor], pairs: torch.Tensor) -> None:
+        """Copy whole blocks ``pairs[:, 0] -> pairs[:, 1]`` in every layer (copy-on-write)."""
+        src, dst = pairs[:, 0], pairs[:, 1]
+        for kv in kv_caches:
+            kv[:, dst] = kv[:, src]
+
+    @abstractmethod
+    def build_metadata(self, layout: BatchLayout) -> Any:
+        """Turn the step's layout into whatever ``forward`` needs (called once a step)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        layer: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: Any,
+    ) -> torch.Tensor:
+        """Store ``key``/``value`` ([T, Hkv, D]) in ``kv_cache`` and attend ``query`` ([T, H, D]).
+
+        Returns [T, H, D]. Causal within each request's new tokens, over its cached context,
+        limited to ``layer.sliding_window`` keys when set (a query at position p sees keys at
+        positions p - sliding_window + 1 .. p).
+        """
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the paged KV cache; delegates to the engine's backend."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        sliding_window: int | None = None,
+        layer_index: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads
+        self.sliding_window = sliding_window
+        self.layer_index = layer_index
+        #: Bound by the model runner once the cache is allocated.
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``query`` [T, H*D], ``key``/``value`` [T, Hkv*D] -> [T, H*D]."""
+        ctx = get_forward_context()
+        if self.kv_cache is None:
+            raise RuntimeError("the KV cache is not bound to this attention layer")
+        out = ctx.backend.forward(
+            self,
+            query.view(-1, self.num_heads, self.head_size),
+            key.view(-1, self.num_kv_heads, self.head_size),
+            value.view(-1, self.num_kv_heads, self.head_size),
+            self.kv_cache,
+            ctx.attn_metadata,
+        )
+        return out.reshape(-1, self.num_heads * self.head_size)

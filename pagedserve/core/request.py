@@ -1,0 +1,122 @@
+"""Request: one sequence being generated, as the scheduler and the KV-cache manager see it."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Any
+
+from pagedserve.core.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    #: A sibling of an ``n > 1`` request, waiting for its leader's prompt to be computed.
+    WAITING_FOR_FORK = "waiting_for_fork"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+
+class Request:
+    """The state of one sequence: its tokens, how many have KV, and (written by the KV-cache
+    manager alone) the ids of the blocks holding that KV.
+
+    A user request with ``n > 1`` becomes ``n`` sequences: the first (the leader) prefills the
+    prompt, the others fork from it and share its blocks copy-on-write.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: Any = None,
+        parent_id: str | None = None,
+        index: int = 0,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority
+        #: Extra keys mixed into every block hash (LoRA adapter, tenant salt, ...).
+        self.cache_salt = cache_salt
+        #: The user-visible request this sequence belongs to, and its index among the n.
+        self.parent_id = parent_id if parent_id is not None else request_id
+        self.index = index
+        #: Sequences that fork from this one once its prompt is computed (all but the last token).
+        self.fork_children: list[Request] = []
+        self.fork_leader: Request | None = None
+
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.block_ids: list[int] = []
+        #: Hashes of this request's full blocks, extended by the KV-cache manager.
+        self.block_hashes: list[bytes] = []
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        #: Sampling results kept for the output: per output token, (logprob, rank, top dict).
+        self.logprobs: list[Any] = []
+        self.prompt_logprobs: list[Any] = []
+        self.cumulative_logprob = 0.0
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    # -- sizes -------------------------------------------------------------------------------
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def max_tokens(self) -> int | None:
+        return self.sampling_params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    @property
+    def fork_point(self) -> int:
+        """Tokens the leader computes before its siblings fork: all of the prompt but the last
+        token, so each sibling computes that token itself and samples its own first token."""
+        return self.num_prompt_tokens - 1
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_ids})"
+        )

@@ -1,0 +1,115 @@
+"""SamplingParams: vLLM's names and meanings, validated with errors that name the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Temperatures below this are greedy decoding.
+GREEDY_EPSILON = 1e-5
+MAX_LOGPROBS = 20
+
+
+def _check_range(name: str, value: float, low: float, high: float, text: str) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be {text}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completions (see vLLM's ``SamplingParams``)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    #: Options for third-party logits processors, keyed by whatever they document.
+    extra_args: dict[str, Any] | None = None
+    #: Filled by the engine: the model's EOS ids (from generation_config / tokenizer).
+    eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, 1)
+        _check_range("temperature", self.temperature, 0.0, float("inf"), ">= 0")
+        _check_range("top_p", self.top_p, 0.0, 1.0, "in (0, 1]")
+        if self.top_p <= 0.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive integer, got {self.top_k!r}")
+        if self.top_k == -1:
+            self.top_k = 0
+        _check_range("min_p", self.min_p, 0.0, 1.0, "in [0, 1]")
+        _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0, "in [-2, 2]")
+        _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "in [-2, 2]")
+        _check_range("repetition_penalty", self.repetition_penalty, 1e-9, 1e9, "> 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias must map token ids to biases")
+            bias: dict[int, float] = {}
+            for key, value in self.logit_bias.items():
+                try:
+                    token = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+                _check_range(f"logit_bias[{key}]", value, -100.0, 100.0, "in [-100, 100]")
+                bias[token] = float(value)
+            self.logit_bias = bias
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        for token in self.stop_token_ids:
+            _check_int("stop_token_ids[]", token, 0)
+        _check_int("max_tokens", self.max_tokens, 1, allow_none=True)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})"
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS
+            ):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise ValueError("extra_args must be a dict")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPSILON
+
+    def clone(self, **changes: Any) -> SamplingParams:
+        """A copy with some fields changed (validated again)."""
+        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        values.update(changes)
+        values["stop"] = list(values["stop"] or [])
+        return SamplingParams(**values)

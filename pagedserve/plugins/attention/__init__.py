@@ -1,0 +1,1 @@
+"""Attention backends shipped with pagedserve, each its own plugin."""
