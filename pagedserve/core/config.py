@@ -138,3 +138,55 @@ class EngineConfig:
                 f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({sched.max_num_seqs}) so every running request can decode"
             )
+
+
+#: Flat (vLLM-style) argument names -> (part of EngineConfig, field).
+_FLAT_ARGS: dict[str, tuple[str | None, str]] = {
+    "tokenizer": ("model", "tokenizer"),
+    "dtype": ("model", "dtype"),
+    "max_model_len": ("model", "max_model_len"),
+    "seed": ("model", "seed"),
+    "revision": ("model", "revision"),
+    "served_model_name": ("model", "served_model_name"),
+    "block_size": ("cache", "block_size"),
+    "num_kv_blocks": ("cache", "num_kv_blocks"),
+    "kv_cache_memory_bytes": ("cache", "kv_cache_memory_bytes"),
+    "gpu_memory_utilization": ("cache", "gpu_memory_utilization"),
+    "enable_prefix_caching": ("cache", "enable_prefix_caching"),
+    "prefix_hash": ("cache", "prefix_hash"),
+    "eviction_policy": ("cache", "eviction_policy"),
+    "max_num_seqs": ("scheduler", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
+    "scheduling_policy": ("scheduler", "policy"),
+    "device": ("device", "device"),
+    "model_runner": ("device", "model_runner"),
+    "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
+    "attention_backend": (None, "attention_backend"),
+    "sampler": (None, "sampler"),
+    "quantization": (None, "quantization"),
+}
+
+
+def engine_config_from_args(model: str, **kwargs: Any) -> EngineConfig:
+    """Build an EngineConfig from vLLM's flat argument names (``LLM(...)``, the CLI flags)."""
+    parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "device": {}, "parallel": {}}
+    top: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name not in _FLAT_ARGS:
+            import difflib
+
+            close = difflib.get_close_matches(name, _FLAT_ARGS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown engine argument {name!r}{hint}")
+        if value is None and name not in ("attention_backend", "quantization"):
+            continue
+        part, field_name = _FLAT_ARGS[name]
+        (top if part is None else parts[part])[field_name] = value
+    return EngineConfig(
+        model=ModelConfig(model=model, **parts["model"]),
+        cache=CacheConfig(**parts["cache"]),
+        scheduler=SchedulerConfig(**parts["scheduler"]),
+        device=DeviceConfig(**parts["device"]),
+        parallel=ParallelConfig(**parts["parallel"]),
+        **top,
+    )

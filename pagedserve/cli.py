@@ -1,0 +1,112 @@
+"""The ``pagedserve`` command line. Imports nothing heavy until a command runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from pagedserve import __version__
+
+#: Engine flags shared by the commands that build an engine, with vLLM's names.
+_ENGINE_OPTIONS = [
+    click.option("--model", "model", required=True, help="HF model folder or hub id."),
+    click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
+    click.option("--max-model-len", type=int, default=None),
+    click.option("--max-num-seqs", type=int, default=256),
+    click.option("--max-num-batched-tokens", type=int, default=None),
+    click.option("--block-size", type=int, default=16),
+    click.option("--num-kv-blocks", type=int, default=None),
+    click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True),
+    click.option("--attention-backend", default=None),
+    click.option("--device", default="auto"),
+    click.option("--seed", type=int, default=0),
+]
+
+
+def engine_options(func: Any) -> Any:
+    for option in reversed(_ENGINE_OPTIONS):
+        func = option(func)
+    return func
+
+
+def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The engine arguments among a command's parsed options."""
+    names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+             "num_kv_blocks", "enable_prefix_caching", "attention_backend", "device", "seed")
+    return {name: kwargs[name] for name in names}
+
+
+@click.group()
+@click.version_option(__version__, prog_name="pagedserve")
+def cli() -> None:
+    """pagedserve: a plugin-based LLM inference engine with a paged KV cache."""
+
+
+@cli.command()
+@engine_options
+@click.argument("prompt")
+@click.option("--max-tokens", type=int, default=64)
+@click.option("--temperature", type=float, default=0.0)
+@click.option("--top-p", type=float, default=1.0)
+@click.option("--top-k", type=int, default=0)
+@click.option("--sampling-seed", type=int, default=None, help="Seed of this request's sampling.")
+@click.option("--stop", multiple=True, help="A stop string (repeatable).")
+def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
+             sampling_seed: int | None, stop: tuple[str, ...], model: str, **kwargs: Any) -> None:
+    """Complete PROMPT, printing tokens as they come."""
+    from pagedserve.core.config import engine_config_from_args
+    from pagedserve.core.engine import LLMEngine
+    from pagedserve.core.sampling_params import SamplingParams
+
+    try:
+        engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=sampling_seed, stop=list(stop))
+        engine.add_request("cli", prompt, params)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    printed = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            text = output.outputs[0].text
+            click.echo(text[printed:], nl=False)
+            printed = len(text)
+            sys.stdout.flush()
+    click.echo()
+    engine.shutdown()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List the loaded plugins, their package versions and what each registers."""
+    from pagedserve.core.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    rows = [
+        {"name": info.name, "distribution": info.distribution, "version": info.version,
+         "registers": info.registered}
+        for info in manager.infos.values()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        click.echo(f"{row['name']}  ({row['distribution'] or '?'} {row['version'] or ''})".rstrip())
+        for kind, names in sorted(row["registers"].items()):
+            click.echo(f"    {kind}: {', '.join(names)}")
+
+
+def _add_plugin_commands() -> None:
+    """Let plugins add subcommands (``register_commands(cli)``)."""
+    from pagedserve.core.plugins import get_plugin_manager
+
+    get_plugin_manager().hook.register_commands(cli=cli)
+
+
+def main() -> None:
+    _add_plugin_commands()
+    cli()

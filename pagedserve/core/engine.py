@@ -1,0 +1,295 @@
+"""LLMEngine: add requests, step, abort. One step = schedule, run the model, update, detokenize."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pagedserve.core.config import EngineConfig
+from pagedserve.core.kv_cache import KVCacheManager
+from pagedserve.core.loader import get_model_max_len, load_generation_config, load_hf_config, resolve_model_path
+from pagedserve.core.outputs import CompletionOutput, RequestOutput
+from pagedserve.core.plugins import PluginManager, get_plugin_manager
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.sampling_params import SamplingParams
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.tokenizer import IncrementalDetokenizer, get_eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+#: A prompt: text, token ids, or vLLM's ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class StepStats:
+    """What ``step_finished`` hooks and the metrics see after each step."""
+
+    num_scheduled_tokens: int
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int
+    step_seconds: float
+    model_seconds: float
+
+
+@dataclass
+class _Group:
+    """One user request: its prompt and its ``n`` sequences."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    params: SamplingParams
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.sequences)
+
+
+class LLMEngine:
+    """The synchronous engine. Not thread-safe: one caller steps it."""
+
+    def __init__(self, config: EngineConfig, plugins: PluginManager | None = None) -> None:
+        from pagedserve.core.model_runner import ModelRunnerBase
+
+        self.config = config
+        self.plugins = plugins or get_plugin_manager()
+        model_config = config.model
+        model_config.model_path = resolve_model_path(model_config.model, model_config.revision)
+        model_config.hf_config = load_hf_config(model_config.model_path)
+        config.finalize(get_model_max_len(model_config.hf_config))
+        self.max_model_len: int = model_config.max_model_len  # type: ignore[assignment]
+
+        self.tokenizer = load_tokenizer(model_config.tokenizer or model_config.model_path, model_config.revision)
+        self.generation_config = load_generation_config(model_config.model_path)
+        self.eos_token_ids = get_eos_token_ids(self.tokenizer, self.generation_config)
+
+        self.runner: ModelRunnerBase = self._select_runner()(config, self.plugins)
+        self.vocab_size = self.runner.vocab_size
+        cache = config.cache
+        self.kv_cache = KVCacheManager(
+            self.runner.num_kv_blocks,
+            cache.block_size,
+            enable_prefix_caching=cache.enable_prefix_caching,
+            hash_fn=self.plugins.registry("prefix_hash_functions").load(cache.prefix_hash),
+            eviction_policy=self.plugins.registry("eviction_policies").load(cache.eviction_policy)(),
+        )
+        policy = self.plugins.registry("scheduling_policies").load(config.scheduler.policy)()
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, self.max_model_len)
+        self._groups: dict[str, _Group] = {}
+        self._log_capacity()
+        self.plugins.hook.engine_started(engine=self)
+
+    def _select_runner(self) -> type:
+        registry = self.plugins.registry("model_runners")
+        device = self.config.device
+        if device.model_runner is not None:
+            return registry.load(device.model_runner)
+        device_type = device.resolved()
+        for entry in sorted(registry.entries(), key=lambda e: (-e.metadata.get("priority", 0), e.name)):
+            if device_type in entry.metadata.get("device_types", ()):
+                return entry.load()
+        raise ValueError(f"no model runner is registered for device {device_type!r}")
+
+    def _log_capacity(self) -> None:
+        blocks = self.runner.num_kv_blocks
+        tokens = blocks * self.config.cache.block_size
+        per_seq = -(-self.max_model_len // self.config.cache.block_size)
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; max concurrency at max_model_len=%d: %.2fx",
+            blocks, self.config.cache.block_size, tokens, self.max_model_len, blocks / per_seq,
+        )
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Text and token ids of a prompt in any accepted form; ValueError for a bad one."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self.validate_token_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty: give at least one character or token")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, (list, tuple)):
+            return None, self.validate_token_ids(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def validate_token_ids(self, token_ids: Sequence[Any]) -> list[int]:
+        ids = list(token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        for token in ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.vocab_size:
+                raise ValueError(f"token id {token!r} is outside the vocabulary [0, {self.vocab_size})")
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: Any = None,
+    ) -> None:
+        """Queue a request; raises ValueError (and changes nothing) when it cannot be served."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        text, token_ids = self.tokenize_prompt(prompt)
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
+            )
+        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids, stop=list(params.stop or []))
+        sequences = [
+            Request(
+                request_id if params.n == 1 else f"{request_id}#{i}",
+                token_ids,
+                params,
+                arrival_time=arrival_time,
+                priority=priority,
+                cache_salt=cache_salt,
+                parent_id=request_id,
+                index=i,
+            )
+            for i in range(params.n)
+        ]
+        leader, siblings = sequences[0], sequences[1:]
+        leader.fork_children = siblings
+        for sibling in siblings:
+            sibling.fork_leader = leader
+            sibling.status = RequestStatus.WAITING_FOR_FORK
+            sibling.arrival_time = leader.arrival_time
+        self.scheduler.add_request(leader)
+        detokenizers = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in sequences]
+        self._groups[request_id] = _Group(text, token_ids, sequences, detokenizers, params)
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Abort requests in any state; their KV blocks are freed at once. Unknown ids are ignored."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            group = self._groups.pop(request_id, None)
+            if group is None:
+                continue
+            for seq in group.sequences:
+                if not seq.is_finished:
+                    self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_ABORTED)
+            self.plugins.hook.request_finished(output=self._make_output(request_id, group))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of the requests that changed (cumulative state)."""
+        start = time.perf_counter()
+        scheduler_output = self.scheduler.schedule()
+        model_start = time.perf_counter()
+        runner_output = self.runner.execute(scheduler_output)
+        model_seconds = time.perf_counter() - model_start
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
+
+        touched: dict[str, None] = {}
+        for request_id, (start, logprobs) in runner_output.prompt_logprobs.items():
+            seq = self.scheduler.get_request(request_id)
+            if seq is not None:  # a recomputed (preempted) chunk replaces what it covered
+                seq.prompt_logprobs[start:] = logprobs
+        for seq in updated:
+            group = self._groups.get(seq.parent_id)
+            if group is None:
+                continue
+            touched[seq.parent_id] = None
+            self._record_token(group, seq, runner_output.logprobs.get(seq.request_id))
+
+        outputs = []
+        for request_id in touched:
+            group = self._groups[request_id]
+            outputs.append(self._make_output(request_id, group))
+            if group.finished:
+                del self._groups[request_id]
+                self.plugins.hook.request_finished(output=outputs[-1])
+
+        self.plugins.hook.step_finished(
+            stats=StepStats(
+                num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+                num_running=self.scheduler.num_running,
+                num_waiting=self.scheduler.num_waiting,
+                kv_cache_usage=self.kv_cache.usage,
+                num_preemptions=len(scheduler_output.preempted),
+                step_seconds=time.perf_counter() - start,
+                model_seconds=model_seconds,
+            )
+        )
+        return outputs
+
+    def _record_token(self, group: _Group, seq: Request, logprobs: dict | None) -> None:
+        """Detokenize the sequence's new token, note its logprobs, and apply stop strings."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if logprobs is not None:
+            for token_id, logprob in logprobs.items():
+                logprob.decoded_token = group.detokenizers[seq.index].decode_token(token_id)
+            seq.logprobs.append(logprobs)
+        new_tokens = seq.output_token_ids[len(group.detokenizers[seq.index].token_ids) :]
+        stop = group.detokenizers[seq.index].update(new_tokens)
+        if stop is not None:
+            if seq.is_finished:
+                seq.status, seq.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+            else:
+                self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+
+    def _make_output(self, request_id: str, group: _Group) -> RequestOutput:
+        params = group.params
+        completions = []
+        for seq, detok in zip(group.sequences, group.detokenizers):
+            logprobs = seq.logprobs if params.logprobs is not None else None
+            cumulative = None
+            if logprobs is not None:
+                cumulative = sum(step[token].logprob for step, token in zip(logprobs, seq.output_token_ids))
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=detok.text,
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=cumulative,
+                    logprobs=logprobs,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        leader = group.sequences[0]
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = [None, *leader.prompt_logprobs]
+        return RequestOutput(
+            request_id=request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=group.finished,
+            prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=leader.num_cached_tokens,
+        )
+
+    def shutdown(self) -> None:
+        self.plugins.hook.engine_shutdown(engine=self)

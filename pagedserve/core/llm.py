@@ -1,0 +1,120 @@
+"""The offline API, shaped like vLLM's ``LLM`` so users can switch."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pagedserve.core.config import engine_config_from_args
+from pagedserve.core.engine import LLMEngine, PromptType
+from pagedserve.core.outputs import RequestOutput
+from pagedserve.core.sampling_params import SamplingParams
+from pagedserve.core.tokenizer import apply_chat_template
+
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """Generate from a batch of prompts in-process: ``LLM(model).generate(prompts, params)``.
+
+    Keyword arguments are vLLM's engine argument names (``dtype``, ``max_model_len``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``block_size``, ``num_kv_blocks``,
+    ``kv_cache_memory_bytes``, ``enable_prefix_caching``, ``attention_backend``, ``seed``, ...).
+    """
+
+    def __init__(self, model: str, **engine_args: Any) -> None:
+        self.engine = LLMEngine(engine_config_from_args(model, **engine_args))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order.
+
+        A prompt is a string, ``{"prompt_token_ids": [...]}`` or ``{"prompt": "..."}``. A bad
+        prompt raises ValueError before anything runs.
+        """
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompts)} prompts; "
+                    "give one, or one per prompt"
+                )
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        return self._run(prompts, params_list, use_tqdm, priority)
+
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            {
+                "prompt_token_ids": apply_chat_template(
+                    self.engine.tokenizer,
+                    conversation,  # type: ignore[arg-type]
+                    add_generation_prompt=add_generation_prompt,
+                    **(chat_template_kwargs or {}),
+                )
+            }
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(
+        self,
+        prompts: list[PromptType],
+        params_list: list[SamplingParams],
+        use_tqdm: bool,
+        priority: Sequence[int] | None,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        order: dict[str, int] = {}
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                request_id = str(next(self._ids))
+                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                order[request_id] = i
+        except Exception:
+            engine.abort_request(list(order))
+            raise
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        pending = set(order)
+        try:
+            with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm) as progress:
+                while pending:
+                    for output in engine.step():
+                        if output.finished and output.request_id in pending:
+                            results[order[output.request_id]] = output
+                            pending.discard(output.request_id)
+                            progress.update(1)
+        except BaseException:
+            engine.abort_request(list(pending))
+            raise
+        return results  # type: ignore[return-value]

@@ -1,0 +1,195 @@
+"""The model runner: flat batch tensors, the paged KV tensors, one model call and one sampler call
+per step.
+
+Runners are registered per device family (``register_model_runners``); this one serves any device
+PyTorch runs on natively (CPU, CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedserve.core.config import ConfigError, EngineConfig
+from pagedserve.core.forward_context import build_batch_layout, set_forward_context
+from pagedserve.core.layers.attention import Attention, AttentionBackend
+from pagedserve.core.loader import load_model
+from pagedserve.core.plugins import PluginManager, Registry
+from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, compute_prompt_logprobs
+
+if TYPE_CHECKING:
+    from pagedserve.core.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+#: The CPU has no memory to profile: without a size, the KV cache holds max_num_seqs sequences of
+#: max_model_len tokens (no preemption ever), capped at this many bytes.
+CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
+@dataclass
+class RunnerOutput:
+    """Per request id: the sampled token, its logprobs, and the prompt logprobs of this chunk
+    (with the index, among the prompt's scored tokens 1.., of the chunk's first entry)."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+class ModelRunnerBase(ABC):
+    """What the engine needs from a runner: its KV capacity and one ``execute`` per step."""
+
+    num_kv_blocks: int
+    vocab_size: int
+
+    @abstractmethod
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+
+def select_attention_backend(config: EngineConfig, registry: Registry) -> type[AttentionBackend]:
+    """The configured backend, or the highest-priority one whose ``supports(config)`` is None."""
+    if config.attention_backend is not None:
+        cls = registry.load(config.attention_backend)
+        reason = cls.supports(config)
+        if reason is not None:
+            raise ConfigError(f"attention backend {config.attention_backend!r} cannot run here: {reason}")
+        return cls
+    entries = sorted(registry.entries(), key=lambda e: (-e.metadata.get("priority", 0), e.name))
+    reasons = []
+    for entry in entries:
+        cls = entry.load()
+        reason = cls.supports(config)
+        if reason is None:
+            return cls
+        reasons.append(f"{entry.name}: {reason}")
+    raise ConfigError("no attention backend supports this configuration (" + "; ".join(reasons) + ")")
+
+
+class ModelRunner(ModelRunnerBase):
+    """Runs a pagedserve model on one PyTorch device."""
+
+    def __init__(self, config: EngineConfig, plugins: PluginManager) -> None:
+        self.config = config
+        self.device = torch.device(config.device.resolved())
+        self.block_size = config.cache.block_size
+        self.model = load_model(config.model, config.quantization, self.device.type)
+        hf_config = config.model.hf_config
+        self.vocab_size = int(hf_config.vocab_size)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attention_layers.sort(key=lambda layer: layer.layer_index)
+        self.dtype = next(self.model.parameters()).dtype
+
+        backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
+        self.backend = backend_cls(config)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_caches = self._allocate_kv_caches()
+
+        processors_registry = plugins.registry("logits_processors")
+        entries = sorted(processors_registry.entries(), key=lambda e: (e.metadata.get("order", 0), e.name))
+        processors = [e.load()(self.vocab_size, self.device) for e in entries]
+        sampler_cls = plugins.registry("samplers").load(config.sampler)
+        self.sampler = sampler_cls(self.vocab_size, self.device, processors, config.model.seed)
+
+    # -- KV cache --------------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        total = 0
+        for layer in self.attention_layers:
+            shape = self.backend.kv_cache_shape(1, self.block_size, layer.num_kv_heads, layer.head_size)
+            total += element * int(torch.Size(shape).numel())
+        return total
+
+    def _num_kv_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        per_block = self._bytes_per_block()
+        if cache.kv_cache_memory_bytes is not None:
+            budget = cache.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+            # Leave room for activations and logits of the largest step.
+            activations = 64 * self.config.scheduler.max_num_batched_tokens * self.vocab_size
+            budget = int(total * cache.gpu_memory_utilization) - used_by_others
+            budget -= torch.cuda.memory_allocated(self.device) + activations
+        else:
+            max_len = self.config.model.max_model_len
+            blocks_per_seq = -(-max_len // self.block_size)
+            wanted = self.config.scheduler.max_num_seqs * blocks_per_seq * per_block
+            budget = min(wanted, CPU_DEFAULT_KV_BYTES)
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ConfigError(
+                f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes; "
+                "raise kv_cache_memory_bytes / gpu_memory_utilization or use a smaller model"
+            )
+        return int(blocks)
+
+    def _allocate_kv_caches(self) -> list[torch.Tensor]:
+        caches = []
+        for layer in self.attention_layers:
+            shape = self.backend.kv_cache_shape(
+                self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_size
+            )
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            caches.append(layer.kv_cache)
+        return caches
+
+    # -- one step --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        if scheduler_output.blocks_to_copy:
+            pairs = torch.tensor(scheduler_output.blocks_to_copy, dtype=torch.long, device=self.device)
+            self.backend.copy_blocks(self.kv_caches, pairs)
+        scheduled = scheduler_output.scheduled
+        output = RunnerOutput()
+        if not scheduled:
+            return output
+
+        token_ids: list[int] = []
+        seqs = []
+        sample_rows: list[int] = []
+        # (request id, start, first row, targets, k): logits at position p score prompt token p + 1.
+        prompt_rows: list[tuple[str, int, int, list[int], int]] = []
+        for item in scheduled:
+            req, start, count = item.request, item.request.num_computed_tokens, item.num_new_tokens
+            first = len(token_ids)
+            token_ids.extend(req.all_token_ids[start : start + count])
+            seqs.append((req.block_ids, start, count))
+            if item.sample:
+                sample_rows.append(first + count - 1)
+            k = req.sampling_params.prompt_logprobs
+            if k is not None and start < req.num_prompt_tokens - 1:
+                end = min(start + count, req.num_prompt_tokens - 1)
+                targets = req.prompt_token_ids[start + 1 : end + 1]
+                prompt_rows.append((req.request_id, start, first, targets, k))
+
+        layout = build_batch_layout(seqs, self.block_size, self.device)
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        metadata = self.backend.build_metadata(layout)
+        with set_forward_context(self.backend, metadata):
+            hidden = self.model(input_ids, layout.positions)
+
+        for request_id, start, first, targets, k in prompt_rows:
+            logits = self.model.compute_logits(hidden[first : first + len(targets)])
+            target_ids = torch.tensor(targets, dtype=torch.long, device=self.device)
+            output.prompt_logprobs[request_id] = (start, compute_prompt_logprobs(logits, target_ids, k))
+
+        if sample_rows:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])
+            requests = [item.request for item in scheduled if item.sample]
+            sampled = self.sampler(logits, SamplingBatch(requests, device=self.device))
+            for req, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
+                output.sampled_token_ids[req.request_id] = token
+                if logprobs is not None:
+                    output.logprobs[req.request_id] = logprobs
+        return output
