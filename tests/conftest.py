@@ -1,0 +1,48 @@
+"""Shared fixtures: a tokenizer trained in the session and tiny random models built from it."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_tiny_model  # noqa: E402
+from tiny_tokenizer import BOS, EOS, PAD, train_tokenizer  # noqa: E402
+
+VOCAB_SIZE = 512
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer"), VOCAB_SIZE)
+
+
+ModelFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> ModelFactory:
+    """``tiny_model(architecture="LlamaForCausalLM", **config_overrides) -> folder``, cached per
+    configuration: a random transformers model saved as safetensors, with the session tokenizer."""
+    built: dict[tuple, Path] = {}
+
+    def make(architecture: str = "LlamaForCausalLM", **overrides: object) -> Path:
+        key = (architecture, tuple(sorted(overrides.items(), key=lambda kv: kv[0])))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(architecture.lower())
+            ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+            make_tiny_model(folder, architecture, vocab_size=VOCAB_SIZE, **{**ids, **overrides})
+            for item in tokenizer_dir.iterdir():
+                shutil.copy(item, folder / item.name)
+            built[key] = folder
+        return built[key]
+
+    return make
+
+
+__all__ = ["BOS", "EOS", "PAD"]
