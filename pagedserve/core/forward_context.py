@@ -64,3 +64,65 @@ def get_forward_context() -> ForwardContext:
     if _context is None:
         raise RuntimeError("attention ran outside set_forward_context(): call it from a model runner")
     return _context
+
+
+def build_batch_layout(
+    seqs: list[tuple[list[int], int, int]], block_size: int, device: torch.device | str
+) -> BatchLayout:
+    """Lay out one step's flat batch from ``(block_ids, num_computed_tokens, num_new_tokens)``
+    per request, in batch order.
+
+    The index arithmetic runs in numpy on the host (one pass over the block ids, no per-token
+    Python loop); the tensors are then moved to ``device`` once each.
+    """
+    import numpy as np
+    import torch
+
+    num_reqs = len(seqs)
+    computed = np.fromiter((s[1] for s in seqs), dtype=np.int64, count=num_reqs)
+    query_lens = np.fromiter((s[2] for s in seqs), dtype=np.int64, count=num_reqs)
+    num_blocks = np.fromiter((len(s[0]) for s in seqs), dtype=np.int64, count=num_reqs)
+    seq_lens = computed + query_lens
+    short = np.nonzero(num_blocks * block_size < seq_lens)[0]
+    if short.size:
+        i = int(short[0])
+        raise ValueError(
+            f"request {i} needs {int(seq_lens[i])} KV slots but its {int(num_blocks[i])} blocks "
+            f"of {block_size} hold only {int(num_blocks[i]) * block_size}"
+        )
+
+    query_start_loc = np.zeros(num_reqs + 1, dtype=np.int64)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+
+    max_blocks = max(int(num_blocks.max(initial=0)), 1)
+    block_tables = np.zeros((num_reqs, max_blocks), dtype=np.int64)
+    filled = np.arange(max_blocks)[None, :] < num_blocks[:, None]
+    block_tables[filled] = np.fromiter(
+        (b for s in seqs for b in s[0]), dtype=np.int64, count=int(num_blocks.sum())
+    )
+
+    token_req = np.repeat(np.arange(num_reqs), query_lens)
+    positions = np.arange(num_tokens) - query_start_loc[token_req] + computed[token_req]
+    slot_mapping = (
+        block_tables[token_req, positions // block_size] * block_size + positions % block_size
+    )
+
+    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(array).to(device=device, dtype=dtype)
+
+    return BatchLayout(
+        num_reqs=num_reqs,
+        num_tokens=num_tokens,
+        query_start_loc=to_device(query_start_loc, torch.int32),
+        seq_lens=to_device(seq_lens, torch.int32),
+        num_computed_tokens=to_device(computed, torch.int32),
+        block_tables=to_device(block_tables, torch.int32),
+        slot_mapping=to_device(slot_mapping, torch.int64),
+        positions=to_device(positions, torch.int64),
+        max_query_len=int(query_lens.max(initial=0)),
+        max_seq_len=int(seq_lens.max(initial=0)),
+        block_size=block_size,
+        query_lens_list=query_lens.tolist(),
+        seq_lens_list=seq_lens.tolist(),
+    )

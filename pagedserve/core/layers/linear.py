@@ -1,0 +1,98 @@
+"""The linear layer model code uses: its weights and matmul belong to the chosen quant method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from pagedserve.core.layers.quantization import (
+    QuantizationConfig,
+    UnquantizedLinearMethod,
+    set_weight_attrs,
+)
+
+
+def default_weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+    """Copy a checkpoint tensor into a parameter of the same shape (casting its dtype)."""
+    if param.shape != loaded_weight.shape:
+        raise ValueError(
+            f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit a parameter of "
+            f"shape {tuple(param.shape)}"
+        )
+    param.data.copy_(loaded_weight)
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T + b``; with several ``output_sizes`` it is a merged layer (qkv, gate_up)
+    whose output is the concatenation of its shards, each loaded from its own HF weight.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: int | list[int],
+        bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.output_size = sum(self.output_sizes)
+        self.prefix = prefix
+        params_dtype = params_dtype or torch.get_default_dtype()
+        self.quant_method = (
+            quant_config.get_linear_method(self, prefix)
+            if quant_config is not None
+            else UnquantizedLinearMethod()
+        )
+        self.quant_method.create_weights(self, input_size, self.output_sizes, params_dtype)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.empty(self.output_size, dtype=params_dtype), requires_grad=False
+            )
+            set_weight_attrs(self.bias, {"output_dim": 0})
+        else:
+            self.register_parameter("bias", None)
+        #: The LoRA slot: a callable ``(x, base_output) -> output`` set by the LoRA manager.
+        self.lora_adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.output_sizes)
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_index: int | None = None
+    ) -> None:
+        """Load a whole parameter, or shard ``shard_index`` of a merged one along ``output_dim``."""
+        if shard_index is None:
+            default_weight_loader(param, loaded_weight)
+            return
+        if not 0 <= shard_index < self.num_shards:
+            raise ValueError(f"{self.prefix}: shard {shard_index} of {self.num_shards} does not exist")
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:
+            raise ValueError(
+                f"{self.prefix}: this parameter has no output_dim, so it cannot be loaded by shard"
+            )
+        offset = sum(self.output_sizes[:shard_index])
+        size = self.output_sizes[shard_index]
+        if getattr(param, "packed_dim", None) == output_dim:
+            offset //= param.pack_factor
+            size //= param.pack_factor
+        default_weight_loader(param.data.narrow(output_dim, offset, size), loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.quant_method.apply(self, x, self.bias)
+        if self.lora_adapter is not None:
+            out = self.lora_adapter(x, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.input_size}, out={self.output_sizes}, bias={self.bias is not None}, "
+            f"method={type(self.quant_method).__name__}"
+        )

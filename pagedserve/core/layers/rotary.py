@@ -1,0 +1,117 @@
+"""Rotary position embeddings (neox style, as HF Llama) with a cos/sin cache indexed by position.
+
+The inverse frequencies of the scaled variants come from transformers' ``ROPE_INIT_FUNCTIONS``,
+so they match HF exactly. One difference is deliberate: ``dynamic`` (NTK) scaling. HF recomputes
+the frequencies per forward from the longest position in the batch, so a token's embedding depends
+on what it is batched with and on how long its sequence has grown. A paged cache needs each
+token's K to stay valid once written, so (like vLLM) we fix the scaling at the maximum length
+``max_position * factor``: equal to HF when HF sees a sequence of that length, different (more
+stretched) for shorter ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the first ``rotary_dim`` features of every head of q and k by position."""
+
+    def __init__(
+        self,
+        head_size: int,
+        rotary_dim: int,
+        inv_freq: torch.Tensor,
+        max_len: int,
+        attention_scaling: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim
+        self.max_len = max_len
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq.float())
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_scaling
+        #: [max_len, rotary_dim]: cos then sin of each frequency, kept in fp32.
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions`` [T]; ``query`` [T, H*D], ``key`` [T, Hkv*D] -> rotated (same shapes)."""
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        cos = cos.unsqueeze(1).to(query.dtype)  # [T, 1, rotary_dim / 2]
+        sin = sin.unsqueeze(1).to(query.dtype)
+        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        heads = x.view(x.shape[0], -1, self.head_size)
+        half = self.rotary_dim // 2
+        x1 = heads[..., :half]
+        x2 = heads[..., half : self.rotary_dim]
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        if self.rotary_dim < self.head_size:
+            rotated = torch.cat((rotated, heads[..., self.rotary_dim :]), dim=-1)
+        return rotated.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, max_len={self.max_len}"
+
+
+def rope_parameters_from_config(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
+    """``(rope_theta, rope_scaling or None)`` from a config in either layout: transformers 5's
+    ``rope_parameters`` (theta and type in one dict) or the older ``rope_theta`` + ``rope_scaling``.
+    """
+    params = dict(
+        getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    )
+    theta = params.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    return float(theta), None if rope_type == "default" else params
+
+
+def get_rope(
+    head_size: int,
+    rotary_dim: int,
+    max_position: int,
+    rope_theta: float,
+    rope_scaling: dict[str, Any] | None,
+) -> RotaryEmbedding:
+    """Build the rotary embedding for ``rope_scaling`` (None = default; else a dict with
+    ``rope_type`` (or legacy ``type``) and that type's parameters as HF configs spell them).
+
+    ``linear`` and ``dynamic`` extend the context to ``max_position * factor`` positions;
+    ``llama3`` configs already state the extended ``max_position``.
+    """
+    scaling = dict(rope_scaling or {})
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        inv_freq = 1.0 / (rope_theta**exponents)
+        return RotaryEmbedding(head_size, rotary_dim, inv_freq, max_position)
+
+    max_len = max_position
+    if rope_type in ("linear", "dynamic"):
+        max_len = int(max_position * scaling["factor"])
+    # The HF init functions read a config; this one describes just the rotated part of a head.
+    rope_config = PretrainedConfig(
+        head_dim=rotary_dim,
+        hidden_size=rotary_dim,
+        num_attention_heads=1,
+        max_position_embeddings=max_position,
+        rope_parameters={**scaling, "rope_type": rope_type, "rope_theta": rope_theta},
+    )
+    seq_len = max_len if rope_type == "dynamic" else None
+    inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](rope_config, None, seq_len=seq_len)
+    return RotaryEmbedding(head_size, rotary_dim, inv_freq, max_len, attention_scaling)

@@ -1,0 +1,202 @@
+"""HF folder or hub id -> config -> architecture (from the ``models`` registry) -> safetensors weights.
+
+Weights load from safetensors only: pickle checkpoints (``.bin``, ``.pt``) can run arbitrary code
+when loaded, so they are refused with a message saying how to convert them. Remote code is never
+trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from pagedserve.core.config import ModelConfig
+from pagedserve.core.layers.quantization import get_quantization_config
+from pagedserve.core.layers.rotary import rope_parameters_from_config
+from pagedserve.core.plugins import get_plugin_manager
+
+#: What a hub download fetches: configs, tokenizer files and safetensors weights, nothing else.
+HUB_ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+]
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: Config keys that bound the context length, the smallest one present wins (as vLLM does).
+MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+)
+DEFAULT_MAX_LEN = 2048
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or loaded; the message says what to change."""
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> str:
+    """A local folder as is; otherwise a hub id, downloaded (configs, tokenizer, safetensors)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ModelLoadError(f"{model} is a file; pass the folder holding config.json and the weights")
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model folder {model} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+    except LocalEntryNotFoundError as exc:
+        raise ModelLoadError(
+            f"{model!r} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"(offline, or not in the local cache): pass a local folder, or download it first "
+            f"with `huggingface-cli download {model}`"
+        ) from exc
+    except (HfHubHTTPError, ValueError) as exc:
+        raise ModelLoadError(
+            f"{model!r} is not a local folder and the hub refused it: {exc}"
+        ) from exc
+
+
+def load_hf_config(path: str) -> PretrainedConfig:
+    """The folder's ``config.json`` through transformers' AutoConfig (no remote code)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"no config.json in {path}: is this a Hugging Face model folder?")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot read the config in {path}: {exc}") from exc
+
+
+def get_model_max_len(hf_config: Any) -> int:
+    """The longest context the model supports, with RoPE scaling that extends it applied."""
+    lengths = [v for key in MAX_LEN_KEYS if isinstance(v := getattr(hf_config, key, None), int)]
+    max_len = min(lengths, default=DEFAULT_MAX_LEN)
+    _, scaling = rope_parameters_from_config(hf_config)
+    if scaling is not None:
+        rope_type = scaling.get("rope_type") or scaling.get("type")
+        if rope_type in ("linear", "dynamic"):
+            max_len = int(max_len * scaling["factor"])
+        elif rope_type == "yarn":
+            original = scaling.get("original_max_position_embeddings", max_len)
+            max_len = int(original * scaling["factor"])
+    return max_len
+
+
+def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
+    """The parameter dtype: ``auto`` is the checkpoint's (``dtype`` / ``torch_dtype``), float32
+    when it names none. On the CPU float16 becomes float32: CPU half matmuls are emulated and
+    much slower than fp32 (bfloat16, which CPUs do support, is kept)."""
+    if dtype == "auto":
+        named = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(named, str):
+            named = getattr(torch, named, None)
+        resolved = named if isinstance(named, torch.dtype) else torch.float32
+    else:
+        resolved = getattr(torch, dtype)
+    if resolved == torch.float16 and torch.device(device).type == "cpu":
+        return torch.float32
+    return resolved
+
+
+def safetensors_files(path: str) -> list[Path]:
+    """The checkpoint's safetensors files: an index's shard set, ``model.safetensors``, or all."""
+    folder = Path(path)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelLoadError(f"{index} lists shards missing from {path}: {', '.join(absent)}")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); pagedserve refuses them "
+            f"because unpickling can run arbitrary code. Convert once, in an environment you trust: "
+            f"python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
+        )
+    raise ModelLoadError(f"no model weights (*.safetensors) in {path}")
+
+
+def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every file, read one at a time on the CPU."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def model_class(hf_config: Any) -> type[nn.Module]:
+    """The registered class for the config's ``architectures`` (the first one registered)."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if not architectures:
+        raise ModelLoadError("config.json names no architectures; cannot choose a model class")
+    registry = get_plugin_manager().registry("models")
+    name = next((a for a in architectures if a in registry), architectures[0])
+    return registry.load(name)
+
+
+def load_model(model_config: ModelConfig, quantization: str | None, device: str) -> nn.Module:
+    """Build the model named by ``model_config`` on ``device`` and load its weights.
+
+    Sets ``model_config.model_path`` and ``model_config.hf_config``.
+    """
+    path = resolve_model_path(model_config.model, model_config.revision)
+    hf_config = load_hf_config(path)
+    model_config.model_path = path
+    model_config.hf_config = hf_config
+    files = safetensors_files(path)
+    cls = model_class(hf_config)
+    quant_config = get_quantization_config(quantization, hf_config)
+    dtype = resolve_dtype(model_config.dtype, hf_config, device)
+    with default_dtype(dtype), torch.device(device):
+        model = cls(hf_config, quant_config)
+    model.load_weights(iterate_weights(files))
+    for module in model.modules():
+        quant_method = getattr(module, "quant_method", None)
+        if quant_method is not None:
+            quant_method.process_weights_after_loading(module)
+    return model.eval()
+
+
+def load_generation_config(path: str) -> dict[str, Any]:
+    """The folder's ``generation_config.json`` (eos ids, default sampling), or {} without one."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    return json.loads(file.read_text())

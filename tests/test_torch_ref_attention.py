@@ -1,0 +1,139 @@
+"""The torch_ref paged attention backend against plain dense causal attention."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from pagedserve.core.forward_context import build_batch_layout
+from pagedserve.core.layers.attention import Attention
+from pagedserve.core.plugins import get_plugin_manager
+from pagedserve.plugins.attention.torch_ref.backend import TorchRefBackend
+
+HEAD_SIZE = 8
+NUM_HEADS = 4
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_position: int, window: int | None, scale: float
+) -> torch.Tensor:
+    """q [Q, H, D] at positions first_position.., k/v [S, Hkv, D] at 0..S-1, in float64."""
+    group = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    query_pos = torch.arange(first_position, first_position + q.shape[0])[:, None]
+    key_pos = torch.arange(k.shape[0])[None, :]
+    visible = key_pos <= query_pos
+    if window is not None:
+        visible &= key_pos > query_pos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+def run_case(
+    rng: random.Random,
+    contexts: list[int],
+    new_tokens: list[int],
+    num_kv_heads: int,
+    block_size: int,
+    window: int | None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write each request's context into a paged cache, attend its new tokens; return (ours, dense)."""
+    layer = Attention(NUM_HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, num_kv_heads, sliding_window=window)
+    backend = TorchRefBackend(config=None)
+    num_blocks = sum(math.ceil((c + n) / block_size) for c, n in zip(contexts, new_tokens)) + 3
+    cache = torch.full(backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, HEAD_SIZE), float("nan"), dtype=dtype)
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+
+    seqs, queries, keys, values, expected = [], [], [], [], []
+    for context, new in zip(contexts, new_tokens):
+        total = context + new
+        blocks = [free.pop() for _ in range(math.ceil(total / block_size))]
+        k = torch.randn(total, num_kv_heads, HEAD_SIZE).to(dtype)
+        v = torch.randn(total, num_kv_heads, HEAD_SIZE).to(dtype)
+        q = torch.randn(new, NUM_HEADS, HEAD_SIZE).to(dtype)
+        for pos in range(context):  # the context is already in the cache
+            block, offset = blocks[pos // block_size], pos % block_size
+            cache[0, block, offset], cache[1, block, offset] = k[pos], v[pos]
+        seqs.append((blocks, context, new))
+        queries.append(q)
+        keys.append(k[context:])
+        values.append(v[context:])
+        expected.append(dense_attention(q, k, v, context, window, layer.scale))
+
+    layout = build_batch_layout(seqs, block_size, "cpu")
+    metadata = backend.build_metadata(layout)
+    out = backend.forward(layer, torch.cat(queries), torch.cat(keys), torch.cat(values), cache, metadata)
+    return out, torch.cat(expected)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_random_batches_match_dense_attention(seed: int) -> None:
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    num_reqs = rng.randint(1, 5)
+    contexts = [rng.choice([0, rng.randint(1, 30)]) for _ in range(num_reqs)]
+    new_tokens = [1 if c and rng.random() < 0.5 else rng.randint(1, 12) for c in contexts]
+    out, expected = run_case(
+        rng,
+        contexts,
+        new_tokens,
+        num_kv_heads=rng.choice([1, 2, 4]),
+        block_size=rng.choice([1, 4, 8, 16]),
+        window=rng.choice([None, None, rng.randint(1, 10)]),
+    )
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "contexts", "new_tokens"),
+    [
+        ("prefill", [0, 0, 0], [7, 1, 13]),
+        ("decode", [5, 16, 1, 33], [1, 1, 1, 1]),
+        ("mixed", [0, 9, 12, 4], [6, 1, 5, 1]),
+        ("prefix-context", [8, 17], [8, 3]),
+    ],
+)
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 3])
+def test_batch_shapes_match_dense_attention(
+    name: str, contexts: list[int], new_tokens: list[int], num_kv_heads: int, window: int | None
+) -> None:
+    torch.manual_seed(0)
+    out, expected = run_case(random.Random(name), contexts, new_tokens, num_kv_heads, 4, window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stays_close_to_fp64(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    out, expected = run_case(random.Random(0), [0, 20, 7], [9, 1, 4], 2, 4, None, dtype)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_new_keys_and_values_are_written_at_their_slots() -> None:
+    backend = TorchRefBackend(config=None)
+    layer = Attention(NUM_HEADS, HEAD_SIZE, 1.0, 2)
+    cache = torch.zeros(backend.kv_cache_shape(6, 4, 2, HEAD_SIZE))
+    layout = build_batch_layout([([5, 2], 3, 2), ([0], 0, 1)], 4, "cpu")
+    key = torch.randn(3, 2, HEAD_SIZE)
+    value = torch.randn(3, 2, HEAD_SIZE)
+    backend.forward(layer, torch.randn(3, NUM_HEADS, HEAD_SIZE), key, value, cache, backend.build_metadata(layout))
+    # Positions 3 and 4 of the first request: block 5 offset 3, block 2 offset 0.
+    torch.testing.assert_close(cache[0, 5, 3], key[0])
+    torch.testing.assert_close(cache[1, 2, 0], value[1])
+    torch.testing.assert_close(cache[0, 0, 0], key[2])
+
+
+def test_backend_is_registered_as_the_lowest_priority_default() -> None:
+    entry = get_plugin_manager().registry("attention_backends").get("torch_ref")
+    assert entry.metadata["priority"] == 0
+    assert entry.load() is TorchRefBackend
+    assert TorchRefBackend.supports(None) is None
