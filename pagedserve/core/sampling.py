@@ -1,0 +1,255 @@
+"""The sampling interfaces: the batch a sampler sees, what it returns, and logprob helpers.
+
+A step's logits arrive as one float32 row per request. The sampler (a plugin; ``default`` is
+built in) computes logprobs from the raw logits when asked, runs the registered logits
+processors in their ``order``, then picks one token per row. Everything per-row that the
+processors and the sampler need is derived once per step from the requests, lazily, by
+``SamplingBatch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import repeat
+from typing import TYPE_CHECKING
+
+import torch
+
+from pagedserve.core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagedserve.core.plugins import PluginManager
+    from pagedserve.core.request import Request
+
+
+@dataclass
+class Logprob:
+    """One token's log-probability and its rank (1 = the most likely), as vLLM reports it."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+#: Token id -> its Logprob, for one position.
+TokenLogprobs = dict[int, Logprob]
+
+
+def _row_tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _padded(rows: list[list[int]], pad: int, device: torch.device | str) -> torch.Tensor:
+    """A [len(rows), longest] int64 tensor, short rows filled with ``pad``."""
+    width = max((len(r) for r in rows), default=0)
+    return _row_tensor([r + [pad] * (width - len(r)) for r in rows], torch.int64, device)
+
+
+@dataclass
+class SamplingBatch:
+    """The requests of one sampling step, one logits row each, in the same order.
+
+    The per-row tensors are computed on first use and cached for the step, so a processor that
+    is inactive this step costs nothing.
+    """
+
+    requests: list[Request]
+    device: torch.device | str = "cpu"
+    params: list[SamplingParams] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.params = [r.sampling_params for r in self.requests]
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    # -- rows by kind ---------------------------------------------------------------------------
+
+    @cached_property
+    def greedy(self) -> torch.Tensor:
+        """[R] bool: rows decoded greedily (argmax of the processed logits)."""
+        return _row_tensor([p.greedy for p in self.params], torch.bool, self.device)
+
+    @cached_property
+    def all_greedy(self) -> bool:
+        return all(p.greedy for p in self.params)
+
+    @cached_property
+    def seeded_rows(self) -> list[int]:
+        """Non-greedy rows with their own seed: their noise comes from the request's generator."""
+        return [i for i, p in enumerate(self.params) if p.seed is not None and not p.greedy]
+
+    @cached_property
+    def max_num_logprobs(self) -> int | None:
+        """The largest ``logprobs`` asked for in the batch, or None when no row asks."""
+        asked = [p.logprobs for p in self.params if p.logprobs is not None]
+        return max(asked) if asked else None
+
+    # -- sampling parameters as tensors ---------------------------------------------------------
+
+    @cached_property
+    def temperatures(self) -> torch.Tensor:
+        """[R, 1] float32; greedy rows hold 1.0 so that dividing by it is harmless."""
+        values = [1.0 if p.greedy else float(p.temperature) for p in self.params]
+        return _row_tensor(values, torch.float32, self.device).unsqueeze(1)
+
+    @cached_property
+    def top_k(self) -> torch.Tensor | None:
+        """[R] int64 (0 = no limit), or None when no row limits k."""
+        if all(p.top_k == 0 for p in self.params):
+            return None
+        return _row_tensor([p.top_k for p in self.params], torch.int64, self.device)
+
+    @cached_property
+    def top_p(self) -> torch.Tensor | None:
+        """[R] float32, or None when every row keeps the whole distribution."""
+        if all(p.top_p >= 1.0 for p in self.params):
+            return None
+        return _row_tensor([float(p.top_p) for p in self.params], torch.float32, self.device)
+
+    @cached_property
+    def min_p(self) -> torch.Tensor | None:
+        """[R] float32, or None when no row uses min-p."""
+        if all(p.min_p == 0.0 for p in self.params):
+            return None
+        return _row_tensor([float(p.min_p) for p in self.params], torch.float32, self.device)
+
+    # -- token history --------------------------------------------------------------------------
+
+    def output_token_ids(self, rows: list[int], pad: int) -> torch.Tensor:
+        """[len(rows), longest output] int64 of the rows' output tokens, padded with ``pad``."""
+        return _padded([self.requests[i].output_token_ids for i in rows], pad, self.device)
+
+    def prompt_token_ids(self, rows: list[int], pad: int) -> torch.Tensor:
+        """[len(rows), longest prompt] int64 of the rows' prompt tokens, padded with ``pad``."""
+        return _padded([self.requests[i].prompt_token_ids for i in rows], pad, self.device)
+
+
+@dataclass
+class SamplerOutput:
+    """One sampled token per row, and per row its logprob dict when the request asked for one."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class LogitsProcessor(ABC):
+    """A batch-level logits transformation (vLLM v1 style).
+
+    ``apply`` reads each row's ``SamplingParams`` (``extra_args`` for third-party options),
+    changes only the rows that use it, and returns the logits (changing them in place is
+    allowed and expected).
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device | str) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+
+    @abstractmethod
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor: ...
+
+
+class Sampler(ABC):
+    """Picks one token per logits row; the logits are modified in place."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device | str,
+        processors: list[LogitsProcessor],
+        seed: int,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.processors = list(processors)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    @abstractmethod
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput: ...
+
+
+def request_generator(request: Request, device: torch.device | str) -> torch.Generator:
+    """The request's own generator, seeded from (seed, index) on first use and kept on it, so
+    its tokens depend neither on its batch mates nor on the batch order."""
+    generator = getattr(request, "generator", None)
+    if generator is None:
+        key = f"{request.sampling_params.seed}:{request.index}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        request.generator = generator
+    return generator
+
+
+def token_logprobs(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]
+) -> list[TokenLogprobs]:
+    """Per row of ``logprobs`` [N, V]: the chosen token (logprob and rank) plus the top
+    ``num_logprobs[i]`` tokens. Rank is 1 + the number of tokens with a strictly larger logprob."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    chosen_ranks = (logprobs > chosen).sum(dim=1) + 1
+    k = min(max(num_logprobs, default=0), logprobs.shape[1])
+    if k:
+        top_values, top_ids = logprobs.topk(k, dim=1)
+        # Every token larger than a top-k token is in the top k too: its rank needs only the k.
+        top_ranks = (top_values.unsqueeze(1) > top_values.unsqueeze(2)).sum(dim=2) + 1
+        top = zip(top_ids.tolist(), top_values.tolist(), top_ranks.tolist())
+    else:
+        top = repeat(([], [], []))
+
+    rows_chosen = zip(token_ids.tolist(), chosen.squeeze(1).tolist(), chosen_ranks.tolist())
+    result: list[TokenLogprobs] = []
+    for (token, value, rank), (ids, values, ranks), wanted in zip(rows_chosen, top, num_logprobs):
+        entry = {token: Logprob(value, rank)}
+        for top_token, top_value, top_rank in zip(ids[:wanted], values[:wanted], ranks[:wanted]):
+            entry.setdefault(top_token, Logprob(top_value, top_rank))
+        result.append(entry)
+    return result
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, target_token_ids: torch.Tensor, num_logprobs: int
+) -> list[TokenLogprobs]:
+    """Prompt logprobs: row i of ``logits`` [N, V] predicts ``target_token_ids[i]``. Each dict
+    holds the target token (with its rank) plus the top ``num_logprobs`` tokens."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = target_token_ids.to(logprobs.device)
+    return token_logprobs(logprobs, targets, [num_logprobs] * len(logits))
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Reject token ids the model does not have (``logit_bias`` keys, ``stop_token_ids``).
+
+    The engine calls this when a request is added: an out-of-range id inside a step would
+    otherwise fail the whole batch."""
+    for token in params.logit_bias or {}:
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"logit_bias has token id {token}, outside the vocabulary [0, {vocab_size})")
+    for token in params.stop_token_ids or []:
+        if token >= vocab_size:
+            raise ValueError(f"stop_token_ids has {token}, outside the vocabulary [0, {vocab_size})")
+
+
+def build_sampler(
+    name: str,
+    vocab_size: int,
+    device: torch.device | str,
+    seed: int,
+    manager: PluginManager | None = None,
+) -> Sampler:
+    """The sampler registered as ``name``, with every registered logits processor in ascending
+    ``order`` (ties by name)."""
+    from pagedserve.core.plugins import get_plugin_manager
+
+    manager = manager or get_plugin_manager()
+    entries = sorted(
+        manager.registry("logits_processors").entries(),
+        key=lambda e: (e.metadata.get("order", 0), e.name),
+    )
+    processors = [entry.load()(vocab_size, device) for entry in entries]
+    sampler_cls = manager.registry("samplers").load(name)
+    return sampler_cls(vocab_size, device, processors, seed)

@@ -1,0 +1,100 @@
+"""The default sampler, in vLLM v1's order.
+
+1. logprobs, when any row asks, from the raw logits (before any processing);
+2. the logits processors, in their registered order;
+3. greedy rows: argmax of the processed logits;
+4. other rows: temperature, top-k, top-p, min-p, then the exponential race (argmax of
+   ``probs / q`` with ``q ~ Exponential(1)``), which draws exactly from ``probs`` without a
+   cumulative sum. Seeded rows draw ``q`` from their request's own generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.core.sampling import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    TokenLogprobs,
+    request_generator,
+    token_logprobs,
+)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside each row's top k, then outside the smallest set of
+    most likely tokens whose probability reaches top_p. ``top_k`` 0 and ``top_p`` 1 disable."""
+    if top_k is None and top_p is None:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    positions = torch.arange(logits.shape[-1], device=logits.device)
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, logits.shape[-1])
+        sorted_logits.masked_fill_(positions >= k.unsqueeze(1), float("-inf"))
+    if top_p is not None:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # A row with top_p = 1 keeps everything, whatever the rounding of its cumulative sum.
+        threshold = torch.where(top_p < 1.0, top_p, float("inf")).unsqueeze(1)
+        outside = mass_before > threshold
+        outside[:, 0] = False
+        sorted_logits.masked_fill_(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask the tokens whose probability is below ``min_p`` times the row's largest one."""
+    if min_p is None:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+class DefaultSampler(Sampler):
+    """Greedy, temperature, top-k, top-p, min-p and seeded sampling, vectorised over rows."""
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        raw_logprobs = None
+        if batch.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        for processor in self.processors:
+            logits = processor.apply(logits, batch)
+
+        token_ids = logits.argmax(dim=-1)
+        if not batch.all_greedy:
+            sampled = self._sample(logits, batch)
+            token_ids = torch.where(batch.greedy, token_ids, sampled)
+        tokens = token_ids.tolist()
+        return SamplerOutput(tokens, self._logprobs(raw_logprobs, token_ids, batch))
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        logits = logits / batch.temperatures
+        logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        logits = apply_min_p(logits, batch.min_p)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row in batch.seeded_rows:
+            noise[row].exponential_(generator=request_generator(batch.requests[row], self.device))
+        # Some backends' exponential_ can return 0: keep the division finite.
+        noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        return (probs / noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(
+        raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor, batch: SamplingBatch
+    ) -> list[TokenLogprobs | None]:
+        result: list[TokenLogprobs | None] = [None] * len(batch)
+        if raw_logprobs is None:
+            return result
+        rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
+        index = torch.tensor(rows, device=raw_logprobs.device)
+        entries = token_logprobs(
+            raw_logprobs[index], token_ids[index], [batch.params[i].logprobs for i in rows]
+        )
+        for row, entry in zip(rows, entries):
+            result[row] = entry
+        return result

@@ -1,0 +1,91 @@
+"""The built-in logits processors: logit bias, min tokens and the repetition/frequency/presence
+penalties, with vLLM's (and OpenAI's) meanings. Each touches only the rows that use it."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedserve.core.sampling import LogitsProcessor, SamplingBatch
+
+
+def _cells(rows: list[int], tokens: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(row, token) pairs as an index for ``index_put_``."""
+    return torch.tensor(rows, device=device), torch.tensor(tokens, device=device)
+
+
+class LogitBiasProcessor(LogitsProcessor):
+    """Adds ``logit_bias[token]`` to the token's logit (OpenAI's ``logit_bias``)."""
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        rows: list[int] = []
+        tokens: list[int] = []
+        biases: list[float] = []
+        for row, params in enumerate(batch.params):
+            for token, bias in (params.logit_bias or {}).items():
+                rows.append(row)
+                tokens.append(token)
+                biases.append(bias)
+        if rows:
+            values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+            logits.index_put_(_cells(rows, tokens, logits.device), values, accumulate=True)
+        return logits
+
+
+class MinTokensProcessor(LogitsProcessor):
+    """While a request has fewer than ``min_tokens`` output tokens, forbid its stop tokens:
+    ``stop_token_ids`` and, unless ``ignore_eos``, the model's EOS ids."""
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        rows: list[int] = []
+        tokens: list[int] = []
+        for row, (request, params) in enumerate(zip(batch.requests, batch.params)):
+            if request.num_output_tokens >= params.min_tokens:
+                continue
+            stop_ids = set(params.stop_token_ids or [])
+            if not params.ignore_eos:
+                stop_ids.update(params.eos_token_ids)
+            rows.extend([row] * len(stop_ids))
+            tokens.extend(stop_ids)
+        if rows:
+            minus_inf = torch.tensor(float("-inf"), device=logits.device)
+            logits.index_put_(_cells(rows, tokens, logits.device), minus_inf)
+        return logits
+
+
+class PenaltiesProcessor(LogitsProcessor):
+    """Repetition penalty over prompt and output tokens (a positive logit is divided by it, a
+    negative one multiplied), then frequency (times each token's output count) and presence
+    (once per token present in the output) penalties subtracted."""
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        rows = [
+            i
+            for i, p in enumerate(batch.params)
+            if (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0)
+        ]
+        if not rows:
+            return logits
+        device = logits.device
+        index = torch.tensor(rows, device=device)
+        params = [batch.params[i] for i in rows]
+        repetition = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+        presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+
+        # One extra column absorbs the padding, then is dropped.
+        width = self.vocab_size + 1
+        output_ids = batch.output_token_ids(rows, pad=self.vocab_size).to(device)
+        counts = torch.zeros(len(rows), width, dtype=logits.dtype, device=device)
+        counts.scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=logits.dtype))
+        counts = counts[:, : self.vocab_size]
+        prompt_ids = batch.prompt_token_ids(rows, pad=self.vocab_size).to(device)
+        seen = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        seen.scatter_(1, prompt_ids, True)
+        seen = seen[:, : self.vocab_size] | (counts > 0)
+
+        selected = logits[index]
+        penalised = torch.where(selected > 0, selected / repetition, selected * repetition)
+        selected = torch.where(seen, penalised, selected)
+        selected = selected - frequency * counts - presence * (counts > 0).to(logits.dtype)
+        logits[index] = selected
+        return logits

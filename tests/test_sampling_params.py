@@ -1,0 +1,62 @@
+import re
+
+import pytest
+
+from pagedserve.core.sampling_params import MAX_LOGPROBS, SamplingParams
+
+INVALID = [
+    ("n", {"n": 0}),
+    ("n", {"n": True}),
+    ("temperature", {"temperature": -0.1}),
+    ("temperature", {"temperature": "hot"}),
+    ("top_p", {"top_p": 0.0}),
+    ("top_p", {"top_p": 1.5}),
+    ("top_k", {"top_k": -2}),
+    ("top_k", {"top_k": 2.5}),
+    ("min_p", {"min_p": 1.5}),
+    ("presence_penalty", {"presence_penalty": 2.5}),
+    ("frequency_penalty", {"frequency_penalty": -2.5}),
+    ("repetition_penalty", {"repetition_penalty": 0.0}),
+    ("logit_bias", {"logit_bias": [1, 2]}),
+    ("logit_bias", {"logit_bias": {"x": 1.0}}),
+    ("logit_bias", {"logit_bias": {3: 101.0}}),
+    ("seed", {"seed": "42"}),
+    ("stop", {"stop": ""}),
+    ("stop", {"stop": ["ok", 3]}),
+    ("stop_token_ids", {"stop_token_ids": [-1]}),
+    ("max_tokens", {"max_tokens": 0}),
+    ("min_tokens", {"min_tokens": -1}),
+    ("min_tokens", {"min_tokens": 5, "max_tokens": 4}),
+    ("logprobs", {"logprobs": MAX_LOGPROBS + 1}),
+    ("prompt_logprobs", {"prompt_logprobs": -1}),
+    ("extra_args", {"extra_args": ["x"]}),
+]
+
+
+@pytest.mark.parametrize(("field", "kwargs"), INVALID, ids=[f"{f}={v}" for f, v in INVALID])
+def test_invalid_field_raises_value_error_naming_it(field: str, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(field)}"):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_are_valid_and_not_greedy() -> None:
+    params = SamplingParams()
+    assert params.stop == [] and params.stop_token_ids == []
+    assert not params.greedy
+
+
+def test_normalisation() -> None:
+    params = SamplingParams(top_k=-1, stop="###", logit_bias={"7": 1}, temperature=0)
+    assert params.top_k == 0
+    assert params.stop == ["###"]
+    assert params.logit_bias == {7: 1.0}
+    assert params.greedy
+
+
+def test_clone_changes_a_field_and_validates_again() -> None:
+    params = SamplingParams(stop=["a"], seed=3)
+    copy = params.clone(temperature=0.5)
+    assert copy.temperature == 0.5 and copy.stop == ["a"] and copy.seed == 3
+    assert params.temperature == 1.0
+    with pytest.raises(ValueError, match="^top_p"):
+        params.clone(top_p=2.0)
