@@ -59,6 +59,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
     """Complete PROMPT, printing tokens as they come."""
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.engine import LLMEngine
+    from pagedserve.core.loader import ModelLoadError
+    from pagedserve.core.plugins import PluginError
     from pagedserve.core.sampling_params import SamplingParams
 
     try:
@@ -66,7 +68,7 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=sampling_seed, stop=list(stop))
         engine.add_request("cli", prompt, params)
-    except (ValueError, OSError) as exc:
+    except (ValueError, ModelLoadError, PluginError) as exc:
         raise click.ClickException(str(exc)) from exc
     printed = 0
     while engine.has_unfinished_requests():

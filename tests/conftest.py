@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
     built: dict[tuple, Path] = {}
 
     def make(architecture: str = "LlamaForCausalLM", **overrides: object) -> Path:
-        key = (architecture, tuple(sorted(overrides.items(), key=lambda kv: kv[0])))
+        key = (architecture, json.dumps(overrides, sort_keys=True))
         if key not in built:
             folder = tmp_path_factory.mktemp(architecture.lower())
             ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}

@@ -10,6 +10,7 @@ import pytest
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.core.config import ConfigError
+from pagedserve.core.loader import ModelLoadError
 from pagedserve.core.plugins import PluginError
 
 pytestmark = pytest.mark.slow
@@ -93,12 +94,12 @@ def test_unknown_architecture_lists_known_ones(tiny_model, tmp_path: Path) -> No
 
 
 def test_missing_files(tiny_model, tmp_path: Path) -> None:
-    with pytest.raises((OSError, ValueError), match="does-not-exist"):
+    with pytest.raises(ModelLoadError, match="does-not-exist"):
         LLM(str(tmp_path / "does-not-exist"))
     folder = tmp_path / "no-weights"
     shutil.copytree(tiny_model(), folder)
     (folder / "model.safetensors").unlink()
-    with pytest.raises((OSError, ValueError), match="safetensors"):
+    with pytest.raises(ModelLoadError, match="safetensors"):
         LLM(str(folder))
 
 
@@ -106,7 +107,7 @@ def test_pickle_checkpoint_refused(tiny_model, tmp_path: Path) -> None:
     folder = tmp_path / "pickle"
     shutil.copytree(tiny_model(), folder)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    with pytest.raises((OSError, ValueError), match="pickle"):
+    with pytest.raises(ModelLoadError, match="pickle"):
         LLM(str(folder))
 
 

@@ -78,8 +78,8 @@ def test_chunked_prefill_and_preemption_keep_tokens(tiny_model) -> None:
     # A budget of 8 tokens a step splits every long prompt into chunks.
     chunked = LLM(str(model_dir), dtype="float32", max_num_seqs=4, max_num_batched_tokens=8)
     assert greedy(chunked, PROMPTS) == expected
-    # 10 blocks of 4 tokens cannot hold all five requests at once: some are preempted and recomputed.
-    small = LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=20, enable_prefix_caching=False)
+    # 32 blocks of 4 tokens (just enough for the longest request alone) cannot hold all five requests at once: some are preempted and recomputed.
+    small = LLM(str(model_dir), dtype="float32", block_size=4, num_kv_blocks=32, enable_prefix_caching=False)
     assert greedy(small, PROMPTS) == expected
     assert small.engine.scheduler.num_preemptions_total > 0
     assert small.engine.kv_cache.num_used_blocks == 0
@@ -163,4 +163,5 @@ def test_chat_uses_the_template(tiny_model) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
     out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)[0]
     tokenizer = llm.get_tokenizer()
-    assert out.prompt_token_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert out.prompt_token_ids == expected["input_ids"]

@@ -15,6 +15,7 @@ from pagedserve.core.loader import get_model_max_len, load_generation_config, lo
 from pagedserve.core.outputs import CompletionOutput, RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.tokenizer import IncrementalDetokenizer, get_eos_token_ids, load_tokenizer
@@ -149,6 +150,7 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
+        check_token_ids(params, self.vocab_size)
         text, token_ids = self.tokenize_prompt(prompt)
         if len(token_ids) > self.max_model_len:
             raise ValueError(
@@ -250,8 +252,13 @@ class LLMEngine:
             for token_id, logprob in logprobs.items():
                 logprob.decoded_token = group.detokenizers[seq.index].decode_token(token_id)
             seq.logprobs.append(logprobs)
-        new_tokens = seq.output_token_ids[len(group.detokenizers[seq.index].token_ids) :]
-        stop = group.detokenizers[seq.index].update(new_tokens)
+        detokenizer = group.detokenizers[seq.index]
+        new_tokens = seq.output_token_ids[len(detokenizer.output_token_ids) :]
+        if detokenizer.finished or not new_tokens:
+            return
+        # EOS or a stop token id ended it: that token's text is not part of the output.
+        stop_terminated = seq.status == RequestStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
+        stop = detokenizer.update(new_tokens, stop_terminated=stop_terminated)
         if stop is not None:
             if seq.is_finished:
                 seq.status, seq.stop_reason = RequestStatus.FINISHED_STOPPED, stop

@@ -19,7 +19,7 @@ from pagedserve.core.forward_context import build_batch_layout, set_forward_cont
 from pagedserve.core.layers.attention import Attention, AttentionBackend
 from pagedserve.core.loader import load_model
 from pagedserve.core.plugins import PluginManager, Registry
-from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, compute_prompt_logprobs
+from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
 
 if TYPE_CHECKING:
     from pagedserve.core.scheduler import SchedulerOutput
@@ -89,11 +89,7 @@ class ModelRunner(ModelRunnerBase):
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches()
 
-        processors_registry = plugins.registry("logits_processors")
-        entries = sorted(processors_registry.entries(), key=lambda e: (e.metadata.get("order", 0), e.name))
-        processors = [e.load()(self.vocab_size, self.device) for e in entries]
-        sampler_cls = plugins.registry("samplers").load(config.sampler)
-        self.sampler = sampler_cls(self.vocab_size, self.device, processors, config.model.seed)
+        self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
 
     # -- KV cache --------------------------------------------------------------------------------
 
