@@ -43,7 +43,7 @@ def register_scheduling_policies(register: Register) -> None:
 
     A policy orders the waiting queue and picks the request to preempt when KV blocks run out.
     Built in: ``fcfs`` (arrival order; preempt the latest started) and ``priority`` (lowest
-    ``priority`` value first, then arrival; preempt the lowest priority, latest started).
+    ``priority`` value first, then arrival; preempt the lowest priority, latest arrival).
     Selected by ``SchedulerConfig.policy``.
     """
 

@@ -1,0 +1,336 @@
+"""The token-budget scheduler (vLLM v1 style): no prefill or decode phases, only token counts.
+
+Each step gives every scheduled request a number of new tokens to compute, under one budget of
+``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences. Running requests are served
+first, then waiting ones in the policy's order, so a long prompt is prefilled in chunks alongside
+the decodes. When the KV cache runs out of blocks, the policy's victim is preempted: its blocks
+are freed and it is recomputed later (its prefix-cached blocks make that cheap).
+
+A user request with ``n > 1`` arrives as a leader whose siblings wait for it: the leader computes
+all of the prompt but its last token, then each sibling forks its blocks (copy-on-write) and all
+of them go on as independent requests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pagedserve.core.config import SchedulerConfig
+from pagedserve.core.kv_cache import KVCacheManager
+from pagedserve.core.policies import SchedulingPolicy
+from pagedserve.core.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    #: This step computes up to ``request.num_tokens``, so the runner samples one token; False
+    #: for a non-final chunk of a chunked prefill.
+    sample: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    total_num_scheduled_tokens: int
+    #: Copy-on-write block copies ``(src, dst)`` to do before the forward.
+    blocks_to_copy: list[tuple[int, int]]
+    #: Requests preempted (blocks freed, back to waiting) while building this step.
+    preempted: list[Request]
+
+
+class _StepBuilder:
+    """One step's schedule while it is being built: the entries, the token budget left."""
+
+    def __init__(self, token_budget: int) -> None:
+        self.entries: dict[str, ScheduledRequest] = {}
+        self.budget = token_budget
+        self.preempted: list[Request] = []
+
+    def add(self, request: Request, num_new_tokens: int) -> None:
+        sample = request.num_computed_tokens + num_new_tokens == request.num_tokens
+        self.entries[request.request_id] = ScheduledRequest(request, num_new_tokens, sample)
+        self.budget -= num_new_tokens
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+
+    def unschedule(self, request: Request) -> None:
+        entry = self.entries.pop(request.request_id, None)
+        if entry is not None:
+            self.budget += entry.num_new_tokens
+
+
+class Scheduler:
+    """Decides, step by step, which requests compute how many tokens."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        policy: SchedulingPolicy,
+        max_model_len: int,
+    ) -> None:
+        if config.max_num_batched_tokens is None:
+            raise ValueError(
+                "SchedulerConfig.max_num_batched_tokens is not set: call EngineConfig.finalize() "
+                "or set it explicitly"
+            )
+        self.config = config
+        self.kv_cache = kv_cache
+        self.policy = policy
+        self.max_model_len = max_model_len
+        self.waiting: list[Request] = []
+        #: In the order the requests were (re)admitted, the latest last.
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions_total = 0
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (an ``n > 1`` leader brings its ``fork_children``); ValueError when
+        it could never run, whatever else is running."""
+        group = [request, *request.fork_children]
+        for member in group:
+            if member.request_id in self.requests:
+                raise ValueError(f"request id {member.request_id!r} is already in use")
+        if len(group) > self.config.max_num_seqs:
+            raise ValueError(
+                f"request {request.request_id!r} asks for n={len(group)} sequences but "
+                f"max_num_seqs is {self.config.max_num_seqs}; lower n or raise max_num_seqs"
+            )
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        if request.num_prompt_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: the prompt has {request.num_prompt_tokens} "
+                f"tokens, more than max_model_len ({self.max_model_len}); shorten the prompt"
+            )
+        max_len = self.max_model_len
+        if request.max_tokens is not None:
+            max_len = min(max_len, request.num_prompt_tokens + request.max_tokens)
+        blocks = self.kv_cache.blocks_needed(max_len)
+        if blocks > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"request {request.request_id!r} may need {max_len} tokens = {blocks} KV blocks, "
+                f"but the cache has only {self.kv_cache.num_blocks}; lower max_tokens, shorten "
+                "the prompt or give the KV cache more memory"
+            )
+        for sibling in request.fork_children:
+            waiting = sibling.status is RequestStatus.WAITING_FOR_FORK
+            if sibling.fork_leader is not request or not waiting:
+                raise ValueError(
+                    f"{sibling.request_id!r} must have fork_leader = {request.request_id!r} and "
+                    "status WAITING_FOR_FORK"
+                )
+        request.status = RequestStatus.WAITING
+        for member in group:
+            self.requests[member.request_id] = member
+        self.waiting.append(request)
+
+    def get_request(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)
+
+    def finish_request(
+        self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None
+    ) -> Request | None:
+        """Finish a request in any state (abort, or a stop string the detokenizer found) and
+        free its blocks; None when it is unknown or already finished. A leader finished before
+        its siblings forked takes them along as aborted (they stay in its ``fork_children``).
+
+        Call it between steps, not between ``schedule()`` and ``update_from_output()``: a
+        scheduled step is assumed to run in full.
+        """
+        if not status.finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if request.status is RequestStatus.WAITING_FOR_FORK:
+            request.fork_leader.fork_children.remove(request)
+        elif request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        for sibling in request.fork_children:
+            sibling.status = RequestStatus.FINISHED_ABORTED
+            del self.requests[sibling.request_id]
+        self._finish(request, status, stop_reason)
+        return request
+
+    def _finish(
+        self, request: Request, status: RequestStatus, stop_reason: int | str | None
+    ) -> None:
+        self.kv_cache.free(request)
+        request.status = status
+        request.stop_reason = stop_reason
+        del self.requests[request.request_id]
+
+    # -- state --------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not running yet, siblings waiting for their leader's fork included."""
+        pending_siblings = sum(len(r.fork_children) for r in (*self.waiting, *self.running))
+        return len(self.waiting) + pending_siblings
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Tokens looked up in the prefix cache."""
+        return self.kv_cache.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Tokens found in the prefix cache."""
+        return self.kv_cache.prefix_cache_hits
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        step = _StepBuilder(self.config.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted:
+            self._admit_waiting(step)
+        scheduled = list(step.entries.values())
+        return SchedulerOutput(
+            scheduled=scheduled,
+            total_num_scheduled_tokens=sum(s.num_new_tokens for s in scheduled),
+            blocks_to_copy=self.kv_cache.take_copies(),
+            preempted=step.preempted,
+        )
+
+    def _tokens_to_compute(self, request: Request) -> int:
+        target = request.fork_point if request.fork_children else request.num_tokens
+        return target - request.num_computed_tokens
+
+    def _schedule_running(self, step: _StepBuilder) -> None:
+        for request in list(self.running):
+            if step.budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_new = min(self._tokens_to_compute(request), step.budget)
+            if num_new <= 0:
+                continue
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.policy.pick_victim(self.running)
+                step.unschedule(victim)
+                self._preempt(victim)
+                step.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                step.add(request, num_new)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.append(request)
+
+    def _admit_waiting(self, step: _StepBuilder) -> None:
+        seats = sum(1 + len(r.fork_children) for r in self.running)
+        self.waiting.sort(key=self.policy.sort_key)
+        while self.waiting and step.budget > 0:
+            request = self.waiting[0]
+            group_size = 1 + len(request.fork_children)
+            if seats + group_size > self.config.max_num_seqs:
+                break
+            hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
+            if request.fork_children and num_hit_tokens == request.fork_point:
+                # Everything up to the fork point is cached: fork now, then each sequence
+                # computes the last prompt token itself.
+                if not self.kv_cache.allocate_slots(request, 0, hits, num_hit_tokens):
+                    break
+                self._start(request, num_hit_tokens)
+                siblings = self._fork(request)
+                for member in (request, *siblings):
+                    self._schedule_without_preemption(step, member)
+                seats += group_size
+                continue
+            num_new = min(self._tokens_to_compute(request) - num_hit_tokens, step.budget)
+            if not self.kv_cache.allocate_slots(request, num_new, hits, num_hit_tokens):
+                break
+            self._start(request, num_hit_tokens)
+            step.add(request, num_new)
+            seats += group_size
+
+    def _start(self, request: Request, num_computed_tokens: int) -> None:
+        self.waiting.pop(0)
+        if request.first_scheduled_time is None:
+            request.num_cached_tokens = num_computed_tokens
+        request.num_computed_tokens = num_computed_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _schedule_without_preemption(self, step: _StepBuilder, request: Request) -> None:
+        num_new = min(self._tokens_to_compute(request), step.budget)
+        if num_new > 0 and self.kv_cache.allocate_slots(request, num_new):
+            step.add(request, num_new)
+
+    def _fork(self, leader: Request) -> list[Request]:
+        """Start every sibling of ``leader`` (at its fork point) on the leader's blocks."""
+        siblings, leader.fork_children = leader.fork_children, []
+        for sibling in siblings:
+            self.kv_cache.fork(leader, sibling)
+            sibling.num_computed_tokens = leader.num_computed_tokens
+            sibling.num_cached_tokens = leader.num_cached_tokens
+            sibling.status = RequestStatus.RUNNING
+            self.running.append(sibling)
+        return siblings
+
+    # -- after the model ran ------------------------------------------------------------------
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: dict[str, int]
+    ) -> list[Request]:
+        """Record the step: computed tokens advance, sampled tokens are appended, finished
+        requests are freed. Returns the requests that got a token or finished."""
+        changed = []
+        for entry in output.scheduled:
+            request = entry.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += entry.num_new_tokens
+            if request.fork_children and request.num_computed_tokens == request.fork_point:
+                self._fork(request)
+            if not entry.sample:
+                continue
+            try:
+                token = sampled_token_ids[request.request_id]
+            except KeyError:
+                raise ValueError(
+                    f"no sampled token for {request.request_id!r}, which was scheduled to sample"
+                ) from None
+            request.append_output_token(token)
+            status, stop_reason = self._check_stop(request, token)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status, stop_reason)
+            changed.append(request)
+        return changed
+
+    def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token in params.eos_token_ids and not params.ignore_eos:
+                return RequestStatus.FINISHED_STOPPED, None
+            if token in params.stop_token_ids:
+                return RequestStatus.FINISHED_STOPPED, token
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH, None
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
