@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -41,8 +42,10 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 @click.group()
 @click.version_option(__version__, prog_name="pagedserve")
-def cli() -> None:
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def cli(log_level: str) -> None:
     """pagedserve: a plugin-based LLM inference engine with a paged KV cache."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 @cli.command()

@@ -45,7 +45,6 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
     #: Options for third-party logits processors, keyed by whatever they document.
     extra_args: dict[str, Any] | None = None
     #: Filled by the engine: the model's EOS ids (from generation_config / tokenizer).
