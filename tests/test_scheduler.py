@@ -24,53 +24,10 @@ from pagedserve.plugins.policies.eviction import LRUEvictionPolicy
 from pagedserve.plugins.policies.hashing import builtin_block_hash, sha256_block_hash
 from pagedserve.plugins.policies.scheduling import FCFSPolicy, PriorityPolicy
 
+from fake_model import FakeRunner, reference_tokens
+
 BLOCK = 4
 VOCAB = 50
-
-
-def next_token(context: list[int]) -> int:
-    """The fake model: a deterministic function of the whole context."""
-    value = 0
-    for token in context:
-        value = (value * 31 + token + 1) % 1_000_003
-    return value % VOCAB
-
-
-def reference_tokens(prompt: list[int], max_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(max_tokens):
-        tokens.append(next_token(tokens))
-    return tokens[len(prompt) :]
-
-
-class FakeRunner:
-    """Writes each scheduled token into its KV slot, then samples from what it reads back."""
-
-    def __init__(self, kv: KVCacheManager) -> None:
-        self.slots: list[list[int | None]] = [[None] * kv.block_size for _ in range(kv.num_blocks)]
-        self.block_size = kv.block_size
-
-    def execute(self, output: SchedulerOutput) -> dict[str, int]:
-        size = self.block_size
-        for src, dst in output.blocks_to_copy:
-            self.slots[dst] = list(self.slots[src])
-        for entry in output.scheduled:
-            request = entry.request
-            assert len(request.block_ids) * size >= request.num_computed_tokens + entry.num_new_tokens
-            start = request.num_computed_tokens
-            for pos in range(start, start + entry.num_new_tokens):
-                self.slots[request.block_ids[pos // size]][pos % size] = request.all_token_ids[pos]
-        sampled = {}
-        for entry in output.scheduled:
-            if entry.sample:
-                request = entry.request
-                context = [
-                    self.slots[request.block_ids[p // size]][p % size]
-                    for p in range(request.num_tokens)
-                ]
-                assert None not in context, f"{request.request_id} read a KV slot never written"
-                sampled[request.request_id] = next_token(context)
-        return sampled
 
 
 def make_scheduler(
@@ -117,7 +74,7 @@ def step(scheduler: Scheduler, runner: FakeRunner) -> SchedulerOutput:
 def run_all(
     scheduler: Scheduler, requests: list[Request], runner: FakeRunner | None = None
 ) -> list[SchedulerOutput]:
-    runner = runner or FakeRunner(scheduler.kv_cache)
+    runner = runner or FakeRunner(scheduler.kv_cache, VOCAB)
     for request in requests:
         scheduler.add_request(request)
     outputs = []
@@ -141,13 +98,13 @@ def test_chunked_prefill_under_the_token_budget() -> None:
     outputs = run_all(scheduler, [request])
     chunks = [(o.scheduled[0].num_new_tokens, o.scheduled[0].sample) for o in outputs]
     assert chunks == [(16, False), (16, False), (8, True), (1, True), (1, True)]
-    assert request.output_token_ids == reference_tokens(prompt(1, 40), 3)
+    assert request.output_token_ids == reference_tokens(prompt(1, 40), 3, VOCAB)
     assert request.status is RequestStatus.FINISHED_LENGTH
 
 
 def test_running_requests_come_before_waiting_ones() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=10)
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     decoding = make_request("a", prompt(1, 5), max_tokens=20)
     scheduler.add_request(decoding)
     step(scheduler, runner)
@@ -163,12 +120,12 @@ def test_max_num_seqs_limits_each_step() -> None:
     outputs = run_all(scheduler, requests)
     assert max(len(o.scheduled) for o in outputs) == 2
     for i, request in enumerate(requests):
-        assert request.output_token_ids == reference_tokens(prompt(i, 6), 4)
+        assert request.output_token_ids == reference_tokens(prompt(i, 6), 4, VOCAB)
 
 
 def finish_order(scheduler: Scheduler, requests: list[Request]) -> list[str]:
     finished = []
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     for request in requests:
         scheduler.add_request(request)
     while scheduler.has_unfinished_requests():
@@ -252,12 +209,12 @@ def test_preemption_recomputes_to_the_same_tokens(enable_prefix_caching: bool) -
     big, big_preemptions = generate(64)
     small, small_preemptions = generate(12)  # each request needs 8 of the 12 blocks at the end
     assert big_preemptions == 0 and small_preemptions > 0
-    assert small == big == [reference_tokens(prompt(i, 10), 20) for i in range(4)]
+    assert small == big == [reference_tokens(prompt(i, 10), 20, VOCAB) for i in range(4)]
 
 
 def test_a_victim_scheduled_earlier_in_the_step_is_unscheduled_and_refunded() -> None:
     scheduler = make_scheduler(num_blocks=4, max_num_batched_tokens=16, policy=PriorityPolicy())
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     low = make_request("low", prompt(1, 5), max_tokens=8, priority=5, arrival_time=0.0)
     high = make_request("high", prompt(2, 8), max_tokens=8, priority=0, arrival_time=1.0)
     scheduler.add_request(low)
@@ -275,13 +232,13 @@ def test_a_victim_scheduled_earlier_in_the_step_is_unscheduled_and_refunded() ->
     scheduler.update_from_output(output, runner.execute(output))
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
-    assert low.output_token_ids == reference_tokens(prompt(1, 5), 8)
-    assert high.output_token_ids == reference_tokens(prompt(2, 8), 8)
+    assert low.output_token_ids == reference_tokens(prompt(1, 5), 8, VOCAB)
+    assert high.output_token_ids == reference_tokens(prompt(2, 8), 8, VOCAB)
 
 
 def test_no_admission_in_a_step_that_preempted() -> None:
     scheduler = make_scheduler(num_blocks=4)
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     a = make_request("a", prompt(1, 7), max_tokens=8, arrival_time=0.0)
     b = make_request("b", prompt(2, 7), max_tokens=8, arrival_time=1.0)
     scheduler.add_request(a)
@@ -297,7 +254,7 @@ def test_no_admission_in_a_step_that_preempted() -> None:
 
 def test_prefix_hits_skip_cached_tokens() -> None:
     scheduler = make_scheduler()
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     first = make_request("a", prompt(1, 10), max_tokens=2)
     run_all(scheduler, [first], runner)
     second = make_request("b", prompt(1, 10), max_tokens=2)
@@ -321,7 +278,7 @@ def abort(scheduler: Scheduler, request: Request) -> None:
 def test_abort_at_each_stage_frees_every_block(steps_before_abort: int) -> None:
     # 0: waiting, 1: mid chunked prefill, 2: prefill done, 4: decoding
     scheduler = make_scheduler(max_num_batched_tokens=8)
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     request = make_request("a", prompt(1, 14), max_tokens=10)
     scheduler.add_request(request)
     for _ in range(steps_before_abort):
@@ -334,7 +291,7 @@ def test_abort_at_each_stage_frees_every_block(steps_before_abort: int) -> None:
 
 def test_abort_of_a_preempted_request() -> None:
     scheduler = make_scheduler(num_blocks=4)
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     a = make_request("a", prompt(1, 7), arrival_time=0.0)
     b = make_request("b", prompt(2, 7), arrival_time=1.0)
     scheduler.add_request(a)
@@ -346,12 +303,12 @@ def test_abort_of_a_preempted_request() -> None:
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
     assert scheduler.kv_cache.num_used_blocks == 0
-    assert a.output_token_ids == reference_tokens(prompt(1, 7), 8)
+    assert a.output_token_ids == reference_tokens(prompt(1, 7), 8, VOCAB)
 
 
 def test_finish_request_with_a_stop_string_reason() -> None:
     scheduler = make_scheduler()
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     request = make_request("a", prompt(1, 5))
     scheduler.add_request(request)
     step(scheduler, runner)
@@ -392,7 +349,7 @@ def test_max_model_len_bounds_the_never_fits_check() -> None:
 
 def test_siblings_fork_the_prompt_blocks_and_copy_on_write() -> None:
     scheduler = make_scheduler()
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     leader = make_group("g", prompt(1, 10), n=3, max_tokens=5)
     siblings = list(leader.fork_children)
     scheduler.add_request(leader)
@@ -419,7 +376,7 @@ def test_siblings_fork_the_prompt_blocks_and_copy_on_write() -> None:
 
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
-    expected = reference_tokens(prompt(1, 10), 5)
+    expected = reference_tokens(prompt(1, 10), 5, VOCAB)
     for member in (leader, *siblings):
         assert member.status is RequestStatus.FINISHED_LENGTH
         assert member.output_token_ids == expected
@@ -428,7 +385,7 @@ def test_siblings_fork_the_prompt_blocks_and_copy_on_write() -> None:
 
 def test_fork_at_admission_after_a_prefix_hit() -> None:
     scheduler = make_scheduler()
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     run_all(scheduler, [make_request("warm", prompt(1, 9), max_tokens=1)], runner)
     leader = make_group("g", prompt(1, 9), n=2, max_tokens=3)
     sibling = leader.fork_children[0]
@@ -438,7 +395,7 @@ def test_fork_at_admission_after_a_prefix_hit() -> None:
         ("g-0", 1, True), ("g-1", 1, True)
     ]
     assert leader.num_cached_tokens == sibling.num_cached_tokens == 8
-    assert leader.output_token_ids == sibling.output_token_ids == reference_tokens(prompt(1, 9), 3)
+    assert leader.output_token_ids == sibling.output_token_ids == reference_tokens(prompt(1, 9), 3, VOCAB)
 
 
 def test_one_token_prompt_with_n_siblings() -> None:
@@ -448,12 +405,12 @@ def test_one_token_prompt_with_n_siblings() -> None:
     outputs = run_all(scheduler, [leader])
     assert len(outputs[0].scheduled) == 3
     for member in (leader, *siblings):
-        assert member.output_token_ids == reference_tokens([7], 2)
+        assert member.output_token_ids == reference_tokens([7], 2, VOCAB)
 
 
 def test_aborting_a_leader_before_the_fork_aborts_its_siblings() -> None:
     scheduler = make_scheduler(max_num_batched_tokens=4)
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     leader = make_group("g", prompt(1, 10), n=3)
     siblings = list(leader.fork_children)
     scheduler.add_request(leader)
@@ -473,12 +430,12 @@ def test_aborting_a_waiting_sibling_keeps_the_others() -> None:
     abort(scheduler, first)
     assert leader.fork_children == [second]
     run_all(scheduler, [])
-    assert second.output_token_ids == leader.output_token_ids == reference_tokens(prompt(1, 10), 2)
+    assert second.output_token_ids == leader.output_token_ids == reference_tokens(prompt(1, 10), 2, VOCAB)
 
 
 def test_a_group_waits_for_seats_for_all_its_members() -> None:
     scheduler = make_scheduler(max_num_seqs=3)
-    runner = FakeRunner(scheduler.kv_cache)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
     scheduler.add_request(make_request("solo", prompt(1, 4), max_tokens=3, arrival_time=0.0))
     step(scheduler, runner)
     leader = make_group("g", prompt(2, 6), n=3, max_tokens=2)
@@ -488,7 +445,7 @@ def test_a_group_waits_for_seats_for_all_its_members() -> None:
     while scheduler.has_unfinished_requests():
         step(scheduler, runner)
         assert scheduler.num_running <= 3
-    assert leader.output_token_ids == reference_tokens(prompt(2, 6), 2)
+    assert leader.output_token_ids == reference_tokens(prompt(2, 6), 2, VOCAB)
 
 
 # -- stop conditions --------------------------------------------------------------------------

@@ -20,49 +20,11 @@ from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler, SchedulerOutput
 from pagedserve.plugins.policies.scheduling import FCFSPolicy, PriorityPolicy
 
+from fake_model import FakeRunner, reference_tokens
+
 MAX_MODEL_LEN = 24
 VOCAB = 11
 PREFIXES = [[], [1, 2, 3, 4], [5, 6, 7, 8, 9, 10]]
-
-
-def next_token(context: list[int]) -> int:
-    value = 0
-    for token in context:
-        value = (value * 31 + token + 1) % 1_000_003
-    return value % VOCAB
-
-
-def reference_tokens(prompt: list[int], num_tokens: int) -> list[int]:
-    tokens = list(prompt)
-    for _ in range(num_tokens):
-        tokens.append(next_token(tokens))
-    return tokens[len(prompt) :]
-
-
-class FakeRunner:
-    def __init__(self, kv: KVCacheManager) -> None:
-        self.size = kv.block_size
-        self.slots: list[list[int | None]] = [[None] * kv.block_size for _ in range(kv.num_blocks)]
-
-    def block(self, request: Request, pos: int) -> list[int | None]:
-        return self.slots[request.block_ids[pos // self.size]]
-
-    def execute(self, output: SchedulerOutput) -> dict[str, int]:
-        for src, dst in output.blocks_to_copy:
-            self.slots[dst] = list(self.slots[src])
-        for entry in output.scheduled:
-            request = entry.request
-            start = request.num_computed_tokens
-            for pos in range(start, start + entry.num_new_tokens):
-                self.block(request, pos)[pos % self.size] = request.all_token_ids[pos]
-        sampled = {}
-        for entry in output.scheduled:
-            if entry.sample:
-                request = entry.request
-                context = [self.block(request, p)[p % self.size] for p in range(request.num_tokens)]
-                assert context == request.all_token_ids, f"{request.request_id} read wrong KV"
-                sampled[request.request_id] = next_token(context)
-        return sampled
 
 
 add_events = st.tuples(
@@ -92,7 +54,7 @@ class Harness:
     def __init__(self, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.kv = scheduler.kv_cache
-        self.runner = FakeRunner(self.kv)
+        self.runner = FakeRunner(self.kv, VOCAB)
         self.members: list[Request] = []
         self.aborted: set[str] = set()
         self.ids = itertools.count()
@@ -168,7 +130,7 @@ class Harness:
         for request in self.members:
             assert request.is_finished and request.block_ids == []
             length = min(request.max_tokens, MAX_MODEL_LEN - request.num_prompt_tokens)
-            expected = reference_tokens(request.prompt_token_ids, length)
+            expected = reference_tokens(request.prompt_token_ids, length, VOCAB)
             if request.request_id in self.aborted:
                 assert request.status is RequestStatus.FINISHED_ABORTED
                 assert request.output_token_ids == expected[: request.num_output_tokens]
