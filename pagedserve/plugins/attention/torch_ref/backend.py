@@ -165,14 +165,17 @@ def _attend(
     value: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """SDPA over [N, H, Lq, D] queries and [N, Hkv, Lk, D] keys/values; KV heads are repeated
-    for GQA/MQA, and half-precision inputs are computed in fp32."""
-    group = layer.num_heads // layer.num_kv_heads
-    if group > 1:
-        key = key.repeat_interleave(group, dim=1)
-        value = value.repeat_interleave(group, dim=1)
+    """SDPA over [N, H, Lq, D] queries and [N, Hkv, Lk, D] keys/values (SDPA's own GQA/MQA
+    grouping, no copies of the KV heads); half-precision inputs are computed in fp32."""
     dtype = query.dtype
     if dtype in _HALF_DTYPES:
         query, key, value = query.float(), key.float(), value.float()
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=layer.scale)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask,
+        scale=layer.scale,
+        enable_gqa=layer.num_heads != layer.num_kv_heads,
+    )
     return out.to(dtype)
