@@ -8,6 +8,7 @@ PyTorch runs on natively (CPU, CUDA).
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,6 +40,8 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    #: Wall time of the model forward and the sampled rows' logits (the engine-overhead baseline).
+    forward_seconds: float = 0.0
 
 
 class ModelRunnerBase(ABC):
@@ -171,8 +174,15 @@ class ModelRunner(ModelRunnerBase):
         layout = build_batch_layout(seqs, self.block_size, self.device)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         metadata = self.backend.build_metadata(layout)
+        forward_start = time.perf_counter()
         with set_forward_context(self.backend, metadata):
             hidden = self.model(input_ids, layout.positions)
+        if sample_rows:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+            sample_logits = self.model.compute_logits(hidden[rows])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        output.forward_seconds = time.perf_counter() - forward_start
 
         for request_id, start, first, targets, k in prompt_rows:
             logits = self.model.compute_logits(hidden[first : first + len(targets)])
@@ -180,10 +190,8 @@ class ModelRunner(ModelRunnerBase):
             output.prompt_logprobs[request_id] = (start, compute_prompt_logprobs(logits, target_ids, k))
 
         if sample_rows:
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])
             requests = [item.request for item in scheduled if item.sample]
-            sampled = self.sampler(logits, SamplingBatch(requests, device=self.device))
+            sampled = self.sampler(sample_logits, SamplingBatch(requests, device=self.device))
             for req, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
                 output.sampled_token_ids[req.request_id] = token
                 if logprobs is not None:
