@@ -11,9 +11,9 @@ import click
 
 from pagedserve import __version__
 
+_MODEL_OPTION = click.option("--model", "model", required=True, help="HF model folder or hub id.")
 #: Engine flags shared by the commands that build an engine, with vLLM's names.
 _ENGINE_OPTIONS = [
-    click.option("--model", "model", required=True, help="HF model folder or hub id."),
     click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
     click.option("--max-model-len", type=int, default=None),
     click.option("--max-num-seqs", type=int, default=256),
@@ -27,10 +27,14 @@ _ENGINE_OPTIONS = [
 ]
 
 
-def engine_options(func: Any) -> Any:
+def engine_options(func: Any, with_model: bool = True) -> Any:
     for option in reversed(_ENGINE_OPTIONS):
         func = option(func)
-    return func
+    return _MODEL_OPTION(func) if with_model else func
+
+
+def engine_options_without_model(func: Any) -> Any:
+    return engine_options(func, with_model=False)
 
 
 def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -40,12 +44,16 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: kwargs[name] for name in names}
 
 
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="pagedserve")
 @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def cli(log_level: str) -> None:
     """pagedserve: a plugin-based LLM inference engine with a paged KV cache."""
-    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(log_level)
 
 
 @cli.command()
@@ -82,6 +90,52 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
             sys.stdout.flush()
     click.echo()
     engine.shutdown()
+
+
+def _default_model() -> str | None:
+    """The bundled default model's name, once the package ships one."""
+    try:
+        from pagedserve.assets import DEFAULT_MODEL
+    except ImportError:
+        return None
+    return DEFAULT_MODEL
+
+
+@cli.command()
+@click.argument("model_argument", metavar="[MODEL]", required=False)
+@click.option("--model", "model", default=None, help="HF model folder or hub id (or give it as MODEL).")
+@engine_options_without_model
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 for all.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--served-model-name", default=None, help="The model name of the API (default: MODEL).")
+@click.option("--api-key", envvar="PAGEDSERVE_API_KEY", default=None,
+              help="Require this bearer token on /v1 routes (or set PAGEDSERVE_API_KEY).")
+@click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
+@click.option("--tensor-parallel-size", "-tp", type=int, default=1, show_default=True)
+@click.option("--quantization", default=None, help="Weight format (default: the checkpoint's).")
+def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,
+          served_model_name: str | None, gpu_memory_utilization: float, tensor_parallel_size: int,
+          quantization: str | None, **kwargs: Any) -> None:
+    """Serve MODEL with an OpenAI-compatible HTTP API until SIGINT or SIGTERM."""
+    from pagedserve.core.config import engine_config_from_args
+    from pagedserve.core.loader import ModelLoadError
+    from pagedserve.core.plugins import PluginError
+    from pagedserve.server.app import run_server
+
+    if model_argument and model and model_argument != model:
+        raise click.UsageError(f"MODEL ({model_argument}) and --model ({model}) differ; give one")
+    model = model_argument or model or _default_model()
+    if model is None:
+        raise click.UsageError("give a model: pagedserve serve MODEL (a HF folder or hub id)")
+    try:
+        config = engine_config_from_args(
+            model, **engine_args(kwargs), served_model_name=served_model_name,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            quantization=quantization,
+        )
+        run_server(config, host, port, api_key, log_level=logging.getLogger().getEffectiveLevel())
+    except (ValueError, ModelLoadError, PluginError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.core.config import EngineConfig
@@ -35,8 +35,23 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float
     num_preemptions: int
+    #: The whole step, and within it the model forward alone (input preparation, sampling,
+    #: scheduling and detokenization are the difference).
     step_seconds: float
-    model_seconds: float
+    forward_seconds: float
+    #: Prompt tokens of the requests whose first token came in this step (once per request).
+    num_prompt_tokens: int = 0
+    #: Tokens sampled in this step.
+    num_generation_tokens: int = 0
+    #: Sequences that computed tokens in this step (the batch size).
+    num_scheduled_seqs: int = 0
+    #: Tokens looked up in / found in the prefix cache during this step's scheduling.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    #: Per sequence that got its first token this step: seconds since its arrival.
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    #: Per sequence that got a later token this step: seconds since its previous token.
+    inter_token_latencies: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -205,18 +220,22 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of the requests that changed (cumulative state)."""
         start = time.perf_counter()
+        queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
         scheduler_output = self.scheduler.schedule()
-        model_start = time.perf_counter()
         runner_output = self.runner.execute(scheduler_output)
-        model_seconds = time.perf_counter() - model_start
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
 
         touched: dict[str, None] = {}
-        for request_id, (start, logprobs) in runner_output.prompt_logprobs.items():
+        for request_id, (start_index, logprobs) in runner_output.prompt_logprobs.items():
             seq = self.scheduler.get_request(request_id)
             if seq is not None:  # a recomputed (preempted) chunk replaces what it covered
-                seq.prompt_logprobs[start:] = logprobs
+                seq.prompt_logprobs[start_index:] = logprobs
+        now = time.monotonic()
+        ttfts: list[float] = []
+        itls: list[float] = []
+        num_prompt_tokens = 0
         for seq in updated:
+            num_prompt_tokens += self._record_timing(seq, now, ttfts, itls)
             group = self._groups.get(seq.parent_id)
             if group is None:
                 continue
@@ -234,20 +253,38 @@ class LLMEngine:
         self.plugins.hook.step_finished(
             stats=StepStats(
                 num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+            num_scheduled_seqs=len(scheduler_output.scheduled),
                 num_running=self.scheduler.num_running,
                 num_waiting=self.scheduler.num_waiting,
                 kv_cache_usage=self.kv_cache.usage,
                 num_preemptions=len(scheduler_output.preempted),
                 step_seconds=time.perf_counter() - start,
-                model_seconds=model_seconds,
+                forward_seconds=runner_output.forward_seconds,
+                num_prompt_tokens=num_prompt_tokens,
+                num_generation_tokens=len(updated),
+                prefix_cache_queries=self.kv_cache.prefix_cache_queries - queries,
+                prefix_cache_hits=self.kv_cache.prefix_cache_hits - hits,
+                time_to_first_tokens=ttfts,
+                inter_token_latencies=itls,
             )
         )
         return outputs
 
+    @staticmethod
+    def _record_timing(seq: Request, now: float, ttfts: list[float], itls: list[float]) -> int:
+        """Note the time of the sequence's new token (a step's tokens all arrive at ``now``);
+        return the prompt tokens it completed (its request's first token, counted once)."""
+        first = seq.first_token_time is None
+        if first:
+            seq.first_token_time = now
+            ttfts.append(now - seq.arrival_time)
+        else:
+            itls.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        return seq.num_prompt_tokens if first and seq.index == 0 else 0
+
     def _record_token(self, group: _Group, seq: Request, logprobs: dict | None) -> None:
         """Detokenize the sequence's new token, note its logprobs, and apply stop strings."""
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         if logprobs is not None:
             for token_id, logprob in logprobs.items():
                 logprob.decoded_token = group.detokenizers[seq.index].decode_token(token_id)
@@ -277,6 +314,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=detok.text,
+                    delta_text=detok.flush() if seq.is_finished else detok.get_delta(),
                     token_ids=list(seq.output_token_ids),
                     cumulative_logprob=cumulative,
                     logprobs=logprobs,
@@ -296,7 +334,21 @@ class LLMEngine:
             finished=group.finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=leader.num_cached_tokens,
+            metrics=self._timings(group),
         )
+
+    @staticmethod
+    def _timings(group: _Group) -> dict[str, float]:
+        """The request's ``time.monotonic()`` timestamps known so far (vLLM's RequestMetrics)."""
+        leader = group.sequences[0]
+        first_tokens = [s.first_token_time for s in group.sequences if s.first_token_time is not None]
+        timings = {
+            "arrival_time": leader.arrival_time,
+            "first_scheduled_time": leader.first_scheduled_time,
+            "first_token_time": min(first_tokens, default=None),
+            "finished_time": time.monotonic() if group.finished else None,
+        }
+        return {name: value for name, value in timings.items() if value is not None}
 
     def shutdown(self) -> None:
         self.plugins.hook.engine_shutdown(engine=self)

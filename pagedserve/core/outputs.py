@@ -13,6 +13,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
+    #: The text not returned in this request's previous outputs (for streaming). An end that
+    #: may yet become a stop string is held back until it is settled.
+    delta_text: str = ""
     cumulative_logprob: float | None = None
     #: Per generated token, ``{token_id: Logprob}`` (when ``logprobs`` was asked for).
     logprobs: list[dict[int, Any]] | None = None
@@ -35,4 +38,6 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[dict[int, Any] | None] | None = None
     num_cached_tokens: int = 0
+    #: ``time.monotonic()`` timestamps: arrival_time, first_scheduled_time, first_token_time and,
+    #: once finished, finished_time (those known so far).
     metrics: dict[str, float] = field(default_factory=dict)

@@ -78,6 +78,7 @@ class Request:
         self.cumulative_logprob = 0.0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
 
     # -- sizes -------------------------------------------------------------------------------
 

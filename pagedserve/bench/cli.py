@@ -1,0 +1,129 @@
+"""``pagedserve bench throughput | serve``: print one table and optionally write the JSON."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from pagedserve.cli import engine_args, engine_options
+
+
+def _default_model() -> str | None:
+    try:
+        from pagedserve.assets import DEFAULT_MODEL
+    except ImportError:
+        return None
+    return DEFAULT_MODEL
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks: offline throughput against transformers, and load against a server."""
+
+
+@bench.command()
+@engine_options
+@click.option("--num-prompts", type=int, default=64)
+@click.option("--lengths", default="sharegpt", help="fixed:IN,OUT | uniform:A-B,C-D | sharegpt")
+@click.option("--workload-seed", type=int, default=0)
+@click.option("--baseline", type=click.Choice(["hf"]), default=None,
+              help="Also run transformers generate (sequential and padded static batches).")
+@click.option("--profile", is_flag=True, help="Print the engine run's top functions (cProfile).")
+@click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
+               profile: bool, output_json: str | None, **kwargs: Any) -> None:
+    """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths)."""
+    from pagedserve.bench.report import format_table, write_result
+    from pagedserve.bench.throughput import run_throughput
+    from pagedserve.bench.workload import make_workload
+    from pagedserve.core.config import engine_config_from_args
+    from pagedserve.core.engine import LLMEngine
+
+    model = model or _default_model()
+    if model is None:
+        raise click.UsageError("give --model")
+    engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
+    workload = make_workload(lengths, num_prompts, engine.vocab_size, engine.max_model_len, workload_seed)
+    if profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        results = profiler.runcall(run_throughput, engine, workload)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    else:
+        results = run_throughput(engine, workload)
+    rows: list[tuple[str, Any]] = [(name, value) for name, value in results.items()]
+    if baseline == "hf":
+        from pagedserve.bench.hf_baseline import hf_sequential, hf_static_batches, load_hf_model
+
+        runner = engine.runner
+        hf_model = load_hf_model(engine.config.model.model_path, runner.dtype, runner.device.type)
+        sequential = hf_sequential(hf_model, workload)
+        static = hf_static_batches(hf_model, workload, engine.config.scheduler.max_num_seqs)
+        results["hf_sequential"], results["hf_static_batches"] = sequential, static
+        results["speedup_vs_hf_sequential"] = results["output_tokens_per_s"] / sequential["output_tokens_per_s"]
+        results["speedup_vs_hf_static_batches"] = results["output_tokens_per_s"] / static["output_tokens_per_s"]
+        rows += [
+            ("hf_sequential_output_tokens_per_s", sequential["output_tokens_per_s"]),
+            ("hf_static_output_tokens_per_s", static["output_tokens_per_s"]),
+            ("speedup_vs_hf_sequential", results["speedup_vs_hf_sequential"]),
+            ("speedup_vs_hf_static_batches", results["speedup_vs_hf_static_batches"]),
+        ]
+    click.echo(format_table(rows))
+    if output_json:
+        settings = {"model": model, "num_prompts": num_prompts, "lengths": lengths,
+                    "workload_seed": workload_seed, **engine_args(kwargs),
+                    "max_model_len": engine.max_model_len,
+                    "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}
+        path = write_result(output_json, "throughput", settings, results, str(engine.runner.device))
+        click.echo(f"wrote {path}")
+
+
+@bench.command()
+@click.option("--base-url", default="http://127.0.0.1:8000/v1")
+@click.option("--api-key", default="EMPTY")
+@click.option("--num-prompts", type=int, default=64)
+@click.option("--lengths", default="sharegpt", help="fixed:IN,OUT | uniform:A-B,C-D | sharegpt")
+@click.option("--workload-seed", type=int, default=0)
+@click.option("--vocab-size", type=int, default=256, help="Prompt token ids are drawn below this.")
+@click.option("--max-model-len", type=int, required=True, help="The server's max_model_len.")
+@click.option("--request-rate", type=float, default=float("inf"), help="Requests/s (Poisson); inf = all at once.")
+@click.option("--max-concurrency", type=int, default=None)
+@click.option("--compare-offline", "offline_model", default=None,
+              help="Model folder: also run the same workload offline in-process and compare throughput.")
+@click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+def serve(base_url: str, api_key: str, num_prompts: int, lengths: str, workload_seed: int, vocab_size: int,
+          max_model_len: int, request_rate: float, max_concurrency: int | None, offline_model: str | None,
+          output_json: str | None) -> None:
+    """Streaming load against a running server: TTFT / ITL / E2E percentiles and tokens/s."""
+    from pagedserve.bench.report import format_table, write_result
+    from pagedserve.bench.serve import run_load
+    from pagedserve.bench.workload import make_workload
+
+    workload = make_workload(lengths, num_prompts, vocab_size, max_model_len, workload_seed)
+    results = asyncio.run(run_load(base_url, workload, request_rate, max_concurrency, api_key))
+    rows: list[tuple[str, Any]] = []
+    for name, value in results.items():
+        if isinstance(value, dict):
+            rows += [(f"{name}_{k}", v) for k, v in value.items()]
+        elif not isinstance(value, list):
+            rows.append((name, value))
+    if offline_model:
+        from pagedserve.bench.throughput import run_throughput
+        from pagedserve.core.config import engine_config_from_args
+        from pagedserve.core.engine import LLMEngine
+
+        engine = LLMEngine(engine_config_from_args(offline_model, max_model_len=max_model_len))
+        offline = run_throughput(engine, workload)
+        results["offline_output_tokens_per_s"] = offline["output_tokens_per_s"]
+        results["server_vs_offline"] = results["output_tokens_per_s"] / offline["output_tokens_per_s"]
+        rows += [("offline_output_tokens_per_s", offline["output_tokens_per_s"]),
+                 ("server_vs_offline", results["server_vs_offline"])]
+    click.echo(format_table(rows))
+    if output_json:
+        settings = {"base_url": base_url, "num_prompts": num_prompts, "lengths": lengths,
+                    "request_rate": request_rate, "max_concurrency": max_concurrency}
+        click.echo(f"wrote {write_result(output_json, 'serve', settings, results, 'server')}")

@@ -1,0 +1,268 @@
+"""AsyncLLMEngine: one background thread steps an LLMEngine for many asyncio callers.
+
+The LLMEngine is not thread-safe, so every call into it happens on the engine thread: callers
+put commands (add, abort) on a thread-safe queue that the thread drains before each step, and
+get their outputs back through an asyncio queue per caller, filled with
+``loop.call_soon_threadsafe``. Requests from all callers share each step: continuous batching
+across HTTP clients. The thread sleeps on an event while no request is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+
+from pagedserve.core.config import EngineConfig
+from pagedserve.core.engine import LLMEngine, PromptType
+from pagedserve.core.outputs import RequestOutput
+from pagedserve.core.plugins import PluginManager, get_plugin_manager
+from pagedserve.core.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (it failed, or the engine shut down); it serves nothing more."""
+
+
+class RequestStream:
+    """The outputs of the engine requests one caller added together, in the order they come.
+
+    Iterate it for ``RequestOutput`` objects (cumulative, with ``delta_text`` for streaming)
+    until every request has finished; ``abort()`` ends the unfinished ones (a client left).
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, request_ids: list[str]) -> None:
+        self._engine = engine
+        self.request_ids = request_ids
+        self._unfinished = set(request_ids)
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.accepted: asyncio.Future[None] = self._loop.create_future()
+
+    def _put_threadsafe(self, items: Sequence[RequestOutput | BaseException]) -> None:
+        """From the engine thread: hand items to the caller's event loop (gone: dropped)."""
+        try:
+            self._loop.call_soon_threadsafe(self._put, items)
+        except RuntimeError:  # the event loop is closed
+            pass
+
+    def _put(self, items: Sequence[RequestOutput | BaseException]) -> None:
+        for item in items:
+            self._queue.put_nowait(item)
+
+    def _settle_threadsafe(self, error: BaseException | None) -> None:
+        """From the engine thread: the requests were added (None) or refused (the error)."""
+
+        def settle() -> None:
+            if self.accepted.done():
+                return
+            if error is None:
+                self.accepted.set_result(None)
+            else:
+                self.accepted.set_exception(error)
+
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while self._unfinished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self._unfinished.discard(item.request_id)
+            yield item
+
+    def abort(self) -> None:
+        """Abort the requests that have not finished; their KV blocks are freed."""
+        if self._unfinished:
+            self._engine.abort(list(self._unfinished))
+            self._unfinished.clear()
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompts: list[PromptType]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+class AsyncLLMEngine:
+    """Serve an LLMEngine to asyncio code: ``await add_requests(...)``, then iterate the stream.
+
+    ``observers`` are plugin objects with lifecycle hook implementations (``engine_started``,
+    ``step_finished``, ``request_finished``, ``engine_shutdown``), such as the server's metrics;
+    they are registered before the engine is built and unregistered at shutdown. Their hooks
+    run on the engine thread, where reading the engine's state is safe.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        plugins: PluginManager | None = None,
+        observers: Iterable[object] = (),
+    ) -> None:
+        self.plugins = plugins or get_plugin_manager()
+        self._observers = list(observers)
+        for observer in self._observers:
+            self.plugins.pm.register(observer)
+        try:
+            self.engine = LLMEngine(config, self.plugins)
+        except BaseException:
+            self._unregister_observers()
+            raise
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._stopping = False
+        #: Set (under the lock) once the loop has failed what it still held; no command enters after.
+        self._closed = False
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    # -- the asyncio side ------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def check_alive(self) -> None:
+        """Raise EngineDeadError unless the loop is running."""
+        if not self.is_running:
+            reason = f": {self.error!r}" if self.error is not None else ""
+            raise EngineDeadError(f"the engine loop is not running{reason}")
+
+    async def add_requests(
+        self, request_ids: list[str], prompts: list[PromptType], params: SamplingParams
+    ) -> RequestStream:
+        """Add one request per prompt, all or none: ValueError (nothing added) when the engine
+        refuses one. Returns their stream; abort it if the caller stops reading early."""
+        self.check_alive()
+        stream = RequestStream(self, request_ids)
+        self._submit(_Add(stream, prompts, params))
+        try:
+            await stream.accepted
+        except asyncio.CancelledError:
+            stream.abort()  # queued after the add, so it reaches the engine after it
+            raise
+        return stream
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored); thread-safe."""
+        self._submit(_Abort(request_ids))
+
+    def _submit(self, command: _Add | _Abort | None) -> None:
+        with self._lock:
+            if self._closed:
+                if isinstance(command, _Add):
+                    raise EngineDeadError("the engine loop is not running")
+                return
+            self._commands.put(command)
+        self._wakeup.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop (pending requests are failed with EngineDeadError) and join it."""
+        self._stopping = True
+        self._submit(None)
+        if self._thread.ident is None:  # never started
+            self.engine.shutdown()
+        else:
+            self._thread.join(timeout)
+        self._unregister_observers()
+
+    def _unregister_observers(self) -> None:
+        for observer in self._observers:
+            if self.plugins.pm.is_registered(observer):
+                self.plugins.pm.unregister(observer)
+
+    # -- the engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                self._deliver(self.engine.step())
+        except BaseException as exc:
+            logger.exception("the engine loop failed; the server answers 503 from now on")
+            self.error = exc
+        finally:
+            self._fail_pending()
+            self.engine.shutdown()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self.engine.abort_request(command.request_ids)
+                for request_id in command.request_ids:
+                    self._streams.pop(request_id, None)
+
+    def _add(self, command: _Add) -> None:
+        """Add the requests of one caller, all or none; a refusal goes back to the caller and
+        leaves the loop running (ValueError for a bad request, anything else is a bug)."""
+        added: list[str] = []
+        try:
+            for request_id, prompt in zip(command.stream.request_ids, command.prompts):
+                self.engine.add_request(request_id, prompt, command.params)
+                added.append(request_id)
+        except Exception as exc:
+            self.engine.abort_request(added)
+            command.stream._settle_threadsafe(exc)
+            return
+        for request_id in added:
+            self._streams[request_id] = command.stream
+        command.stream._settle_threadsafe(None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each stream its outputs of this step, in one call per stream."""
+        batches: dict[RequestStream, list[RequestOutput]] = defaultdict(list)
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            batches[stream].append(output)
+            if output.finished:
+                del self._streams[output.request_id]
+        for stream, items in batches.items():
+            stream._put_threadsafe(items)
+
+    def _fail_pending(self) -> None:
+        error = EngineDeadError("the engine stopped before the request finished")
+        with self._lock:
+            self._closed = True
+        while True:  # adds that never reached the engine
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(command, _Add):
+                command.stream._settle_threadsafe(error)
+        for stream in set(self._streams.values()):
+            stream._put_threadsafe([error])
+        self._streams.clear()

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: ``pagedserve serve`` or ``python -m pagedserve.server``."""

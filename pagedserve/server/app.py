@@ -1,0 +1,137 @@
+"""The FastAPI application: ``create_app(engine, registry)``, and ``run_server`` for the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
+
+from pagedserve import __version__
+from pagedserve.core.async_engine import AsyncLLMEngine
+from pagedserve.core.config import EngineConfig
+from pagedserve.core.tokenizer import load_tokenizer
+from pagedserve.server import chat, completions, tokens
+from pagedserve.server.errors import APIError, error_response, install_error_handlers
+from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, ModelList
+from pagedserve.server.serving import ServerState, get_state
+
+logger = logging.getLogger(__name__)
+_bearer = HTTPBearer(auto_error=False)
+router = APIRouter()
+
+
+async def check_api_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """With ``--api-key``, every ``/v1`` route needs it as a bearer token (as in vLLM, the
+    health, metrics and tokenizer routes stay open)."""
+    key = get_state(request).api_key
+    if key is None or not request.url.path.startswith("/v1"):
+        return
+    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), key.encode()):
+        raise APIError(401, "Unauthorized: send the server's API key as 'Authorization: Bearer <key>'")
+
+
+@router.get("/health")
+async def health(state: Annotated[ServerState, Depends(get_state)]) -> Response:
+    if not state.engine.is_running:
+        return error_response(503, "the engine is not running")
+    return Response(status_code=200)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": __version__}
+
+
+@router.get("/v1/models")
+async def list_models(state: Annotated[ServerState, Depends(get_state)]) -> ModelList:
+    card = ModelCard(id=state.model_name, root=state.model_path, max_model_len=state.max_model_len)
+    return ModelList(data=[card])
+
+
+@router.get("/metrics")
+async def metrics(state: Annotated[ServerState, Depends(get_state)]) -> Response:
+    return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def served_model_name(config: EngineConfig) -> str:
+    return config.model.served_model_name or config.model.model
+
+
+def create_app(engine: AsyncLLMEngine, registry: CollectorRegistry, api_key: str | None = None) -> FastAPI:
+    """The server of a built engine; the app's lifespan starts and stops the engine thread.
+    ``registry`` holds the metrics ``/metrics`` exports. Routers that plugins register
+    (``register_routes``) are included after the built-in ones."""
+    llm_engine = engine.engine
+    config = llm_engine.config
+    model = config.model
+    generation_config = llm_engine.generation_config
+    state = ServerState(
+        engine=engine,
+        tokenizer=load_tokenizer(model.tokenizer or model.model_path, model.revision),
+        model_name=served_model_name(config),
+        model_path=model.model,
+        max_model_len=llm_engine.max_model_len,
+        max_num_seqs=config.scheduler.max_num_seqs,
+        vocab_size=llm_engine.vocab_size,
+        sampling_defaults={
+            k: generation_config[k] for k in GENERATION_CONFIG_FIELDS if k in generation_config
+        },
+        registry=registry,
+        api_key=api_key,
+    )
+    if state.sampling_defaults:
+        logger.info("sampling defaults from the model's generation_config.json: %s", state.sampling_defaults)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(
+        title="pagedserve", version=__version__, lifespan=lifespan, dependencies=[Depends(check_api_key)]
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    for built_in in (router, completions.router, chat.router, tokens.router):
+        app.include_router(built_in)
+    for entry in engine.plugins.registry("routes").entries():
+        app.include_router(entry.load())
+    return app
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def run_server(
+    config: EngineConfig, host: str, port: int, api_key: str | None = None, **uvicorn_args: Any
+) -> None:
+    """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0)."""
+    import uvicorn
+
+    from pagedserve.core.metrics import EngineMetrics
+
+    # uvicorn re-raises the signal that stopped it once it has shut down, under the handler
+    # that was there before: this one, so the process exits 0 instead of dying of SIGTERM.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _exit_cleanly)
+    disable_created_metrics()  # as vLLM: no ``*_created`` series
+    metrics = EngineMetrics(served_model_name(config))
+    engine = AsyncLLMEngine(config, observers=[metrics])
+    uvicorn.run(create_app(engine, metrics.registry, api_key), host=host, port=port, **uvicorn_args)

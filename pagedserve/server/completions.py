@@ -1,0 +1,155 @@
+"""``POST /v1/completions``: prompts as text or token ids, one request per prompt, ``n``
+choices each (choice ``index = prompt * n + i``, as OpenAI and vLLM number them)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from pagedserve.core.async_engine import RequestStream
+from pagedserve.core.engine import PromptType
+from pagedserve.core.outputs import RequestOutput
+from pagedserve.server.errors import APIError
+from pagedserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from pagedserve.server.serving import (
+    ServerState,
+    choice_deltas,
+    collect,
+    event_stream,
+    get_state,
+    unless_disconnected,
+    usage,
+)
+
+router = APIRouter()
+#: A prompt as given (its text, when it was text) and its token ids.
+Prompt = tuple[str | None, list[int]]
+
+
+def _prompts(body: CompletionRequest, state: ServerState) -> list[Prompt]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        texts: list[str] = [prompt]
+    elif prompt and isinstance(prompt[0], str):
+        texts = prompt  # type: ignore[assignment]
+    elif prompt and isinstance(prompt[0], int):
+        return [(None, prompt)]  # type: ignore[list-item]
+    elif prompt:
+        return [(None, ids) for ids in prompt]  # type: ignore[misc]
+    else:
+        raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
+    return [(text, state.tokenizer.encode(text)) for text in texts]
+
+
+def _check_supported(body: CompletionRequest) -> None:
+    if body.suffix is not None:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.num_choices:
+        raise APIError(
+            400,
+            f"best_of={body.best_of} is not supported: only best_of equal to n ({body.num_choices})",
+            param="best_of",
+        )
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request, state: Annotated[ServerState, Depends(get_state)]
+) -> CompletionResponse | Response:
+    state.check_model(body.model)
+    state.check_request(body)
+    _check_supported(body)
+    prompts = _prompts(body, state)
+    for _, ids in prompts:
+        state.check_length(len(ids), body.max_tokens)
+    echo_logprobs = body.logprobs if body.echo else None
+    params = body.to_sampling_params(
+        body.max_tokens, body.logprobs, echo_logprobs, state.sampling_defaults, state.vocab_size
+    )
+    engine_prompts: list[PromptType] = [
+        {"prompt": text, "prompt_token_ids": ids} if text is not None else {"prompt_token_ids": ids}
+        for text, ids in prompts
+    ]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    stream = await state.add(request_id, engine_prompts, params)
+    if body.stream:
+        return event_stream(stream, _chunks(body, state, request_id, prompts, stream))
+    try:
+        outputs = await unless_disconnected(request, collect(stream))
+    finally:
+        stream.abort()
+    if isinstance(outputs, Response):
+        return outputs
+    return CompletionResponse(
+        id=request_id,
+        model=state.model_name,
+        usage=usage(outputs),
+        choices=_choices(body, state, prompts, outputs),
+    )
+
+
+def _echoed(state: ServerState, prompt: Prompt, output: RequestOutput) -> tuple[str, list[int], list]:
+    """The prompt's text, ids and logprobs, to put before the completion's."""
+    text, ids = prompt
+    prompt_text = text if text is not None else state.tokenizer.decode(ids)
+    return prompt_text, ids, list(output.prompt_logprobs or [])
+
+
+def _choices(
+    body: CompletionRequest, state: ServerState, prompts: list[Prompt], outputs: list[RequestOutput]
+) -> list[CompletionChoice]:
+    choices = []
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        for completion in output.outputs:
+            text, ids, entries = completion.text, completion.token_ids, completion.logprobs or []
+            if body.echo:
+                prompt_text, prompt_ids, prompt_entries = _echoed(state, prompt, output)
+                text, ids, entries = prompt_text + text, prompt_ids + ids, prompt_entries + entries
+            logprobs = state.completion_logprobs(ids, entries) if body.logprobs is not None else None
+            choices.append(
+                CompletionChoice(
+                    index=i * body.num_choices + completion.index,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=completion.finish_reason,
+                    stop_reason=completion.stop_reason,
+                )
+            )
+    return choices
+
+
+async def _chunks(
+    body: CompletionRequest, state: ServerState, request_id: str, prompts: list[Prompt], stream: RequestStream
+) -> AsyncIterator[CompletionResponse]:
+    created = int(time.time())
+    finals: dict[str, RequestOutput] = {}
+    text_sent: dict[int, int] = {}  # choice index -> characters sent (logprobs' text_offset)
+    n = body.num_choices
+    async for delta in choice_deltas(stream, n, finals):
+        text, ids, entries = delta.text, delta.token_ids, delta.logprobs or []
+        if body.echo and delta.first:
+            prompt_text, prompt_ids, prompt_entries = _echoed(state, prompts[delta.index // n], delta.output)
+            text, ids, entries = prompt_text + text, prompt_ids + ids, prompt_entries + entries
+        if not text and delta.finish_reason is None and body.logprobs is None:
+            continue  # text held back (a possible stop string) and no logprobs to send
+        offset = text_sent.get(delta.index, 0)
+        text_sent[delta.index] = offset + len(text)
+        logprobs = state.completion_logprobs(ids, entries, offset) if body.logprobs is not None else None
+        choice = CompletionChoice(
+            index=delta.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=delta.finish_reason,
+            stop_reason=delta.stop_reason,
+        )
+        yield CompletionResponse(id=request_id, created=created, model=state.model_name, choices=[choice])
+    if body.include_usage:
+        outputs = [finals[engine_id] for engine_id in stream.request_ids]
+        yield CompletionResponse(
+            id=request_id, created=created, model=state.model_name, choices=[], usage=usage(outputs)
+        )
