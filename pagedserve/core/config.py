@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: "auto": the model's dtype; "fp8": float8 e4m3 with a per-tensor scale for K and for V.
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     prefix_hash: str = "sha256"
     eviction_policy: str = "lru"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -67,6 +70,10 @@ class CacheConfig:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
             )
 
 
@@ -155,6 +162,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "enable_prefix_caching": ("cache", "enable_prefix_caching"),
     "prefix_hash": ("cache", "prefix_hash"),
     "eviction_policy": ("cache", "eviction_policy"),
+    "kv_cache_dtype": ("cache", "kv_cache_dtype"),
     "max_num_seqs": ("scheduler", "max_num_seqs"),
     "max_num_batched_tokens": ("scheduler", "max_num_batched_tokens"),
     "scheduling_policy": ("scheduler", "policy"),

@@ -89,6 +89,7 @@ class ModelRunner(ModelRunnerBase):
 
         backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
         self.backend = backend_cls(config)
+        self.kv_cache_dtype = self._kv_cache_dtype()
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches()
 
@@ -96,8 +97,13 @@ class ModelRunner(ModelRunnerBase):
 
     # -- KV cache --------------------------------------------------------------------------------
 
+    def _kv_cache_dtype(self) -> torch.dtype:
+        """The model's dtype, or float8 e4m3 for ``kv_cache_dtype="fp8"`` (whose per-tensor
+        scales ``_allocate_kv_caches`` binds to each layer as ``kv_scale``)."""
+        return torch.float8_e4m3fn if self.config.cache.kv_cache_dtype == "fp8" else self.dtype
+
     def _bytes_per_block(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         total = 0
         for layer in self.attention_layers:
             shape = self.backend.kv_cache_shape(1, self.block_size, layer.num_kv_heads, layer.head_size)
@@ -137,8 +143,12 @@ class ModelRunner(ModelRunnerBase):
             shape = self.backend.kv_cache_shape(
                 self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_size
             )
-            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             caches.append(layer.kv_cache)
+            if self.config.cache.kv_cache_dtype == "fp8":
+                # float32 [2]: the K and V scales (stored = value / scale). 1.0, as vLLM uses for
+                # checkpoints without calibrated scales; a tensor, so kernels read it on device.
+                layer.kv_scale = torch.ones(2, dtype=torch.float32, device=self.device)
         return caches
 
     # -- one step --------------------------------------------------------------------------------

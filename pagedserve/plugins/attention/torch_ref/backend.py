@@ -8,12 +8,16 @@ the CPU fast path; the others (prefill, chunked prefill, speculative verificatio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from pagedserve.core.forward_context import BatchLayout
 from pagedserve.core.layers.attention import Attention, AttentionBackend
+
+if TYPE_CHECKING:
+    from pagedserve.core.config import EngineConfig
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -53,6 +57,15 @@ class TorchRefBackend(AttentionBackend):
     """The reference paged attention backend (CPU default)."""
 
     name = "torch_ref"
+
+    @classmethod
+    def supports(cls, config: EngineConfig | None) -> str | None:
+        if config is not None and config.cache.kv_cache_dtype != "auto":
+            return (
+                f"kv_cache_dtype={config.cache.kv_cache_dtype!r} is not implemented by the reference "
+                "backend; use attention_backend='triton' (on a GPU)"
+            )
+        return None
 
     def build_metadata(self, layout: BatchLayout) -> TorchRefMetadata:
         device = layout.block_tables.device
