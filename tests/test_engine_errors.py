@@ -30,6 +30,8 @@ BAD_REQUESTS = [
     ({"prompt_token_ids": [5] * 40}, SamplingParams(max_tokens=20, ignore_eos=True), "KV"),
     ({"nothing": 1}, SamplingParams(), "prompt_token_ids"),
     (3.5, SamplingParams(), "prompt must be"),
+    ("a", SamplingParams(n=10**9), "max_num_seqs"),
+    ("a", SamplingParams(stop_token_ids=[10**6]), "vocabulary"),
 ]
 
 
@@ -118,3 +120,10 @@ def test_bad_engine_arguments_say_what_to_change(tiny_model) -> None:
         LLM(str(tiny_model()), max_num_seq=4)
     with pytest.raises(ConfigError, match="max_model_len"):
         LLM(str(tiny_model()), max_model_len=10**6)
+
+
+def test_top_k_beyond_the_vocabulary_means_no_limit(llm: LLM) -> None:
+    huge = SamplingParams(temperature=0.0, max_tokens=4, top_k=2**63 - 1)
+    plain = SamplingParams(temperature=0.0, max_tokens=4)
+    got, want = llm.generate(["def f():", "def f():"], [huge, plain], use_tqdm=False)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids

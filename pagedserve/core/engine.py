@@ -167,6 +167,11 @@ class LLMEngine:
         params = params or SamplingParams()
         check_token_ids(params, self.vocab_size)
         text, token_ids = self.tokenize_prompt(prompt)
+        if params.n > self.config.scheduler.max_num_seqs:
+            raise ValueError(
+                f"n={params.n} sequences exceed max_num_seqs={self.config.scheduler.max_num_seqs}; "
+                "lower n or raise max_num_seqs"
+            )
         if len(token_ids) > self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"

@@ -101,7 +101,8 @@ class SamplingBatch:
         """[R] int64 (0 = no limit), or None when no row limits k."""
         if all(p.top_k == 0 for p in self.params):
             return None
-        return _row_tensor([p.top_k for p in self.params], torch.int64, self.device)
+        # A top_k past any vocabulary (up to 2**63 from a client) means no limit: clamp it.
+        return _row_tensor([min(p.top_k, 1 << 31) for p in self.params], torch.int64, self.device)
 
     @cached_property
     def top_p(self) -> torch.Tensor | None:

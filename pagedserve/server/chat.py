@@ -84,7 +84,7 @@ async def create_chat_completion(
     ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
     state.check_length(len(ids), max_tokens)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.to_sampling_params(max_tokens, logprobs, None, state.sampling_defaults, state.vocab_size)
+    params = body.to_sampling_params(max_tokens, logprobs, None, state.sampling_defaults)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     stream = await state.add(request_id, [{"prompt_token_ids": ids}], params)
     if body.stream:

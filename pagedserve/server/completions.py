@@ -69,7 +69,7 @@ async def create_completion(
         state.check_length(len(ids), body.max_tokens)
     echo_logprobs = body.logprobs if body.echo else None
     params = body.to_sampling_params(
-        body.max_tokens, body.logprobs, echo_logprobs, state.sampling_defaults, state.vocab_size
+        body.max_tokens, body.logprobs, echo_logprobs, state.sampling_defaults
     )
     engine_prompts: list[PromptType] = [
         {"prompt": text, "prompt_token_ids": ids} if text is not None else {"prompt_token_ids": ids}

@@ -61,15 +61,11 @@ class SamplingRequest(BaseModel):
         logprobs: int | None,
         prompt_logprobs: int | None,
         defaults: dict[str, Any],
-        vocab_size: int,
     ) -> SamplingParams:
         """The engine's SamplingParams; fields the request leaves out take the model's
         generation_config defaults, then OpenAI's. ValueError for an invalid value."""
         given = {name: getattr(self, name) for name in GENERATION_CONFIG_FIELDS}
         sampling = {name: value for name, value in given.items() if value is not None}
-        top_k = sampling.get("top_k", defaults.get("top_k", 0))
-        if isinstance(top_k, int) and top_k >= vocab_size:
-            sampling["top_k"] = 0  # the whole vocabulary: no limit
         return SamplingParams(
             **{**defaults, **sampling},
             n=self.num_choices,
