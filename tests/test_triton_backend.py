@@ -134,7 +134,9 @@ def case_generate(model_dir: str, max_tokens: int = 12, **engine_args: Any) -> d
         "cached_tokens": forked[0].num_cached_tokens,
         "backend": runner.backend.name,
         "kv_cache_dtype": str(runner.kv_caches[0].dtype),
-        "kv_scales": [getattr(layer, "kv_scale", torch.zeros(0)).tolist() for layer in runner.attention_layers],
+        "kv_scales": [
+            None if layer.kv_scale is None else layer.kv_scale.tolist() for layer in runner.attention_layers
+        ],
     }
 
 

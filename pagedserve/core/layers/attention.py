@@ -88,8 +88,10 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
         self.layer_index = layer_index
-        #: Bound by the model runner once the cache is allocated.
+        #: Bound by the model runner once the cache is allocated; ``kv_scale`` (float32 [2], the K
+        #: and V scales) only for an fp8 cache.
         self.kv_cache: torch.Tensor | None = None
+        self.kv_scale: torch.Tensor | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``query`` [T, H*D], ``key``/``value`` [T, Hkv*D] -> [T, H*D]."""

@@ -158,7 +158,7 @@ class TritonBackend(AttentionBackend):
         layout = metadata.layout
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         # Bound by the model runner next to an fp8 cache: float32 [2], the K and V scales.
-        kv_scale = getattr(layer, "kv_scale", None)
+        kv_scale = layer.kv_scale
         self._kv_store.store_kv(key, value, key_cache, value_cache, layout.slot_mapping, kv_scale)
 
         out = torch.empty_like(query)
