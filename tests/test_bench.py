@@ -1,0 +1,94 @@
+"""The benchmark commands: workloads, the offline throughput run with its KV accounting, the
+transformers baselines and the load generator against a real server (small sizes: these test
+that the figures are computed right, not how fast anything is)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pagedserve.bench.serve import run_load
+from pagedserve.bench.throughput import run_throughput
+from pagedserve.bench.workload import length_pairs, make_workload
+from pagedserve.core.config import engine_config_from_args
+from pagedserve.core.engine import LLMEngine
+
+from server_process import API_KEY, ENGINE_ARGS, shared_server
+
+
+@pytest.mark.parametrize(
+    ("spec", "check"),
+    [
+        ("fixed:10,5", lambda pairs: set(pairs) == {(10, 5)}),
+        ("uniform:4-8,1-3", lambda pairs: all(4 <= i <= 8 and 1 <= o <= 3 for i, o in pairs)),
+        ("sharegpt", lambda pairs: len({i for i, _ in pairs}) > 10 and all(i + o <= 256 for i, o in pairs)),
+    ],
+)
+def test_length_distributions(spec: str, check) -> None:
+    pairs = length_pairs(spec, 50, 256, random.Random(0))
+    assert len(pairs) == 50 and check(pairs)
+    assert pairs == length_pairs(spec, 50, 256, random.Random(0))
+
+
+def test_lengths_are_clipped_to_the_context_and_bad_specs_refused() -> None:
+    assert length_pairs("fixed:300,100", 1, 256, random.Random(0)) == [(255, 1)]
+    with pytest.raises(ValueError, match="unknown length distribution"):
+        length_pairs("zipf", 1, 256, random.Random(0))
+
+
+def test_workload_uses_ordinary_token_ids() -> None:
+    workload = make_workload("fixed:20,4", 5, vocab_size=50, max_model_len=64)
+    assert all(3 <= t < 50 for r in workload for t in r.prompt_token_ids)
+    assert [r.total_len for r in workload] == [24] * 5
+
+
+@pytest.mark.slow
+def test_throughput_counts_tokens_and_kv_waste(tiny_model) -> None:
+    engine = LLMEngine(engine_config_from_args(str(tiny_model()), dtype="float32", max_model_len=128, block_size=16))
+    workload = make_workload("uniform:5-40,3-20", 12, engine.vocab_size, engine.max_model_len, seed=1)
+    results = run_throughput(engine, workload)
+    assert results["output_tokens"] == sum(r.output_len for r in workload)
+    assert results["num_requests"] == 12 and results["num_steps"] >= max(r.output_len for r in workload)
+    assert 1 <= results["mean_batch_size"] <= 12
+    # Paged: at most one partly filled block per request; contiguous: max_model_len each.
+    assert 0 <= results["kv_waste_paged"] < results["kv_waste_contiguous"] < 1
+    assert results["max_concurrency_paged"] > results["max_concurrency_contiguous"]
+    assert results["median_step_overhead"] >= 0
+    assert not engine.has_unfinished_requests() and engine.kv_cache.num_used_blocks == 0
+
+
+@pytest.mark.slow
+def test_bench_throughput_command_with_hf_baseline(tiny_model, tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "pagedserve", "--log-level", "WARNING", "bench", "throughput",
+        "--model", str(tiny_model()), "--dtype", "float32", "--num-prompts", "4",
+        "--lengths", "fixed:8,4", "--baseline", "hf", "--output-json", str(out),
+    ]
+    printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "speedup_vs_hf_sequential" in printed
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "throughput" and record["machine"]["device"] == "cpu"
+    results = record["results"]
+    assert results["hf_sequential"]["output_tokens"] == results["output_tokens"] == 16
+    assert results["hf_static_batches"]["generated_tokens_incl_padding"] == 16
+    assert results["speedup_vs_hf_sequential"] == pytest.approx(
+        results["output_tokens_per_s"] / results["hf_sequential"]["output_tokens_per_s"]
+    )
+
+
+@pytest.mark.slow
+def test_load_generator_against_a_real_server(request, tiny_model, tmp_path_factory) -> None:
+    server = shared_server(request.config, tiny_model(), tmp_path_factory.mktemp("server"))
+    workload = make_workload("fixed:12,6", 8, vocab_size=256, max_model_len=ENGINE_ARGS["max_model_len"])
+    results = asyncio.run(run_load(f"{server.url}/v1", workload, max_concurrency=4, api_key=API_KEY))
+    assert results["completed"] == 8 and results["failed"] == 0
+    assert results["output_tokens"] == 48
+    assert 0 < results["ttft_s"]["p50"] <= results["e2e_s"]["p50"]
+    assert results["itl_s"]["p99"] >= results["itl_s"]["p50"] > 0
