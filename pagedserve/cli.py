@@ -11,7 +11,6 @@ import click
 
 from pagedserve import __version__
 
-_MODEL_OPTION = click.option("--model", "model", required=True, help="HF model folder or hub id.")
 #: Engine flags shared by the commands that build an engine, with vLLM's names.
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
@@ -28,14 +27,11 @@ _ENGINE_OPTIONS = [
 ]
 
 
-def engine_options(func: Any, with_model: bool = True) -> Any:
+def engine_options(func: Any) -> Any:
+    """Add the engine flags to a command (each command declares its own ``--model``)."""
     for option in reversed(_ENGINE_OPTIONS):
         func = option(func)
-    return _MODEL_OPTION(func) if with_model else func
-
-
-def engine_options_without_model(func: Any) -> Any:
-    return engine_options(func, with_model=False)
+    return func
 
 
 def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -58,6 +54,7 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
+@click.option("--model", default=None, help="HF model folder or hub id (default: the bundled model).")
 @engine_options
 @click.argument("prompt")
 @click.option("--max-tokens", type=int, default=64)
@@ -67,7 +64,7 @@ def cli(log_level: str) -> None:
 @click.option("--sampling-seed", type=int, default=None, help="Seed of this request's sampling.")
 @click.option("--stop", multiple=True, help="A stop string (repeatable).")
 def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-             sampling_seed: int | None, stop: tuple[str, ...], model: str, **kwargs: Any) -> None:
+             sampling_seed: int | None, stop: tuple[str, ...], model: str | None, **kwargs: Any) -> None:
     """Complete PROMPT, printing tokens as they come."""
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.engine import LLMEngine
@@ -75,6 +72,9 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
     from pagedserve.core.plugins import PluginError
     from pagedserve.core.sampling_params import SamplingParams
 
+    model = model or default_model()
+    if model is None:
+        raise click.UsageError("give --model (a HF folder or hub id)")
     try:
         engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -93,7 +93,7 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
     engine.shutdown()
 
 
-def _default_model() -> str | None:
+def default_model() -> str | None:
     """The bundled default model's name, once the package ships one."""
     try:
         from pagedserve.assets import DEFAULT_MODEL
@@ -105,7 +105,7 @@ def _default_model() -> str | None:
 @cli.command()
 @click.argument("model_argument", metavar="[MODEL]", required=False)
 @click.option("--model", "model", default=None, help="HF model folder or hub id (or give it as MODEL).")
-@engine_options_without_model
+@engine_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 for all.")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--served-model-name", default=None, help="The model name of the API (default: MODEL).")
@@ -125,7 +125,7 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
 
     if model_argument and model and model_argument != model:
         raise click.UsageError(f"MODEL ({model_argument}) and --model ({model}) differ; give one")
-    model = model_argument or model or _default_model()
+    model = model_argument or model or default_model()
     if model is None:
         raise click.UsageError("give a model: pagedserve serve MODEL (a HF folder or hub id)")
     try:

@@ -7,15 +7,7 @@ from typing import Any
 
 import click
 
-from pagedserve.cli import engine_args, engine_options
-
-
-def _default_model() -> str | None:
-    try:
-        from pagedserve.assets import DEFAULT_MODEL
-    except ImportError:
-        return None
-    return DEFAULT_MODEL
+from pagedserve.cli import default_model, engine_args, engine_options
 
 
 @click.group()
@@ -24,6 +16,7 @@ def bench() -> None:
 
 
 @bench.command()
+@click.option("--model", default=None, help="HF model folder or hub id (default: the bundled model).")
 @engine_options
 @click.option("--num-prompts", type=int, default=64)
 @click.option("--lengths", default="sharegpt", help="fixed:IN,OUT | uniform:A-B,C-D | sharegpt")
@@ -41,7 +34,7 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.engine import LLMEngine
 
-    model = model or _default_model()
+    model = model or default_model()
     if model is None:
         raise click.UsageError("give --model")
     engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
