@@ -11,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.assets import BUNDLED_MODELS
+from pagedserve.core.loader import resolve_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +72,21 @@ def test_greedy_identical_to_transformers(tiny_model, name: str) -> None:
     assert greedy(llm, PROMPTS) == expected
     if name == "mistral-window":
         assert max(len(llm.get_tokenizer().encode(p)) for p in PROMPTS) > 8
+
+
+@pytest.mark.parametrize("name", list(BUNDLED_MODELS))
+def test_greedy_identical_to_transformers_on_bundled_models(name: str) -> None:
+    """The same check on the trained models shipped as package data, whose sharp distributions
+    (unlike random weights) make long, structured continuations; the last prompt is longer than
+    the Mistral variant's sliding window."""
+    model_dir = Path(resolve_model_path(name))
+    prompts = [*PROMPTS, "\n\n".join(PROMPTS * 3)]
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    llm = LLM(name, dtype="float32")
+    assert greedy(llm, prompts) == expected
+    window = getattr(llm.engine.config.model.hf_config, "sliding_window", None)
+    if window:
+        assert len(llm.get_tokenizer().encode(prompts[-1])) > window
 
 
 def test_chunked_prefill_and_preemption_keep_tokens(tiny_model) -> None:

@@ -18,8 +18,13 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from pagedserve.assets import bundled_model_path
 from pagedserve.core.config import ModelConfig
-from pagedserve.core.layers.quantization import get_quantization_config
+from pagedserve.core.layers.quantization import (
+    checkpoint_quant_config,
+    get_quantization_config,
+    quant_config_from_files,
+)
 from pagedserve.core.layers.rotary import rope_parameters_from_config
 from pagedserve.core.plugins import get_plugin_manager
 
@@ -50,10 +55,19 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> str:
-    """A local folder as is; otherwise a hub id, downloaded (configs, tokenizer, safetensors)."""
+    """A local folder as is; a bundled model's short name (``pagedserve/tiny-py``) as its folder
+    inside the package; otherwise a hub id, downloaded (configs, tokenizer, safetensors)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
+    bundled = bundled_model_path(model)
+    if bundled is not None:
+        if not (bundled / "config.json").is_file():
+            raise ModelLoadError(
+                f"the bundled model {model} is missing from this installation (no {bundled}/config.json): "
+                "reinstall pagedserve, or rebuild it with `python scripts/train_tiny_model.py`"
+            )
+        return str(bundled)
     if path.exists():
         raise ModelLoadError(f"{model} is a file; pass the folder holding config.json and the weights")
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
@@ -182,6 +196,10 @@ def load_model(model_config: ModelConfig, quantization: str | None, device: str)
     model_config.hf_config = hf_config
     files = safetensors_files(path)
     cls = model_class(hf_config)
+    if checkpoint_quant_config(hf_config) is None:
+        side_file_settings = quant_config_from_files(path, quantization)
+        if side_file_settings is not None:
+            hf_config.quantization_config = side_file_settings
     quant_config = get_quantization_config(quantization, hf_config)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
     with default_dtype(dtype), torch.device(device):

@@ -1,0 +1,375 @@
+"""Train the bundled models (``pagedserve/assets``) on the running interpreter's standard library.
+
+    python scripts/train_tiny_model.py            # tokenizer, three models, evaluation, cards
+    python scripts/train_tiny_model.py --cards    # only the samples, model cards and manifest
+
+One run trains a byte-level BPE tokenizer, then the target (``tiny-py``, Llama), its draft
+(``tiny-py-draft``) and a Mistral variant with a sliding window (``tiny-py-mistral``), each from
+the fixed seed with the settings in ``SPECS``; evaluates each on the held-out split
+(``pagedserve.assets.corpus``) against a unigram baseline; greedy-completes a few snippets with
+pagedserve itself; and writes the weights (fp16 safetensors), ``manifest.json`` (settings, wall
+times, perplexities, checksums) and a model card per folder. Training is single-threaded by
+default (``--threads``): on a shared CPU, extra threads mostly wait on each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the tokenizers thread pool, read at import
+
+import tokenizers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from pagedserve.assets import ASSETS_DIR, BUNDLED_MODELS, forward_flops_per_token  # noqa: E402
+from pagedserve.assets.corpus import SPLIT_RULE, eval_windows, read_document, split_files, token_stream  # noqa: E402
+from tiny_model_card import render_card  # noqa: E402
+
+SEED = 0
+VOCAB_SIZE = 4096
+CONTEXT = 512
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2
+BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+#: The held-out slice the tests recompute: the first windows of the held-out stream.
+SLICE_WINDOWS = 4
+#: Renders system/user/assistant turns; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+#: Each ends at its last non-blank character: byte-level BPE merges a newline with the indentation
+#: after it, so a prompt ending in a bare newline ends mid-token, which training never shows.
+SAMPLE_PROMPTS = (
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n\ndef main(argv):",
+    'class Stack:\n    """A last-in, first-out stack."""\n\n    def __init__(self):',
+    "def read_lines(path):\n    with open(path",
+)
+SAMPLE_TOKENS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model's shape and training settings (all recorded in the manifest)."""
+
+    folder: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    sliding_window: int | None = None
+    head_dim: int = 64
+    tie_word_embeddings: bool = True
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    min_lr_ratio: float = 0.1
+
+
+SPECS = (
+    ModelSpec(
+        "tiny-py", "LlamaForCausalLM", hidden_size=384, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=6, num_key_value_heads=2, steps=1200, batch_size=8, learning_rate=2e-3, warmup_steps=60,
+    ),
+    ModelSpec(
+        "tiny-py-mistral", "MistralForCausalLM", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, steps=1000, batch_size=8, learning_rate=2e-3, warmup_steps=50,
+        sliding_window=128,
+    ),
+    ModelSpec(
+        "tiny-py-draft", "LlamaForCausalLM", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, steps=1500, batch_size=8, learning_rate=3e-3, warmup_steps=50,
+    ),
+)
+TARGET, DRAFT = "tiny-py", "tiny-py-draft"
+
+
+def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over the training texts; it prepends ``<s>`` when encoding."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    bos, eos, pad = SPECIAL_TOKENS
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=CONTEXT
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    if [wrapped.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] != [BOS_ID, EOS_ID, PAD_ID]:
+        raise RuntimeError("special tokens did not get ids 0, 1, 2")
+    return wrapped
+
+
+def hf_config(spec: ModelSpec) -> LlamaConfig | MistralConfig:
+    mistral = spec.architecture == "MistralForCausalLM"
+    extra = {"sliding_window": spec.sliding_window} if mistral else {}
+    return (MistralConfig if mistral else LlamaConfig)(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=CONTEXT,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        architectures=[spec.architecture],
+        **extra,
+    )
+
+
+def build_model(spec: ModelSpec) -> PreTrainedModel:
+    """The untrained model, initialized from the fixed seed."""
+    config = hf_config(spec)
+    torch.manual_seed(SEED)
+    return (MistralForCausalLM if isinstance(config, MistralConfig) else LlamaForCausalLM)(config)
+
+
+def lr_factor(step: int, spec: ModelSpec) -> float:
+    """Linear warm-up, then a cosine from 1 down to ``min_lr_ratio``."""
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
+    return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model: PreTrainedModel, spec: ModelSpec, stream: torch.Tensor, steps: int) -> dict[str, Any]:
+    """AdamW on random windows of the training stream, bf16 autocast over fp32 weights."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.learning_rate,
+        betas=spec.betas,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, spec))
+    generator = torch.Generator().manual_seed(SEED)
+    offsets = torch.arange(CONTEXT)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        starts = torch.randint(0, len(stream) - CONTEXT, (spec.batch_size, 1), generator=generator)
+        batch = stream[starts + offsets].long()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            elapsed = time.perf_counter() - start
+            rate = (step + 1) * spec.batch_size * CONTEXT / elapsed
+            print(f"{spec.folder} step {step:5d} loss {loss.item():.3f} lr {schedule.get_last_lr()[0]:.2e} "
+                  f"{elapsed:7.0f}s {rate:6.0f} tok/s", flush=True)
+    model.eval()
+    tail = losses[-50:]
+    return {
+        "steps": steps,
+        "tokens": steps * spec.batch_size * CONTEXT,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "final_train_loss": round(sum(tail) / len(tail), 4),
+    }
+
+
+@torch.no_grad()
+def window_log_probs(model: PreTrainedModel, window: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of each next token of the window, the argmax predictions), in fp32."""
+    logits = model(input_ids=torch.tensor([window])).logits[0, :-1].float()
+    targets = torch.tensor(window[1:])
+    log_probs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+    return log_probs, logits.argmax(-1)
+
+
+def perplexity(model: PreTrainedModel, windows: list[list[int]]) -> float:
+    nll = sum(-window_log_probs(model, w)[0].double().sum().item() for w in windows)
+    return math.exp(nll / sum(len(w) - 1 for w in windows))
+
+
+def agreement(draft: PreTrainedModel, target: PreTrainedModel, windows: list[list[int]]) -> float:
+    """How often the draft's argmax equals the target's on the held-out windows: an estimate of
+    how often greedy speculative decoding accepts a draft token (measured on held-out text rather
+    than on the models' own continuations)."""
+    same = sum((window_log_probs(draft, w)[1] == window_log_probs(target, w)[1]).sum().item() for w in windows)
+    return same / sum(len(w) - 1 for w in windows)
+
+
+def unigram_perplexity(train_stream: list[int], windows: list[list[int]]) -> float:
+    """Perplexity of add-one-smoothed training token frequencies on the same predicted tokens."""
+    counts = Counter(train_stream)
+    total = len(train_stream) + VOCAB_SIZE
+    targets = [t for w in windows for t in w[1:]]
+    nll = -sum(math.log((counts[t] + 1) / total) for t in targets)
+    return math.exp(nll / len(targets))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ids_digest(windows: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(windows).encode()).hexdigest()
+
+
+def train_all(out: Path, max_steps: int | None) -> dict[str, Any]:
+    """Tokenizer, models and their evaluation; the manifest without samples and checksums."""
+    run_start = time.perf_counter()
+    train_files, held_out_files = split_files()
+    texts = [read_document(p) for p in train_files]
+    tokenizer = train_tokenizer(texts)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    train_stream = token_stream(encode, train_files, BOS_ID, EOS_ID)
+    held_out = token_stream(encode, held_out_files, BOS_ID, EOS_ID)
+    windows = eval_windows(held_out, CONTEXT)
+    stream = torch.tensor(train_stream, dtype=torch.int32)
+    print(f"train {len(train_files)} files {len(train_stream)} tokens, held out {len(held_out_files)} "
+          f"files {len(held_out)} tokens", flush=True)
+    manifest: dict[str, Any] = {
+        "command": "python scripts/train_tiny_model.py",
+        "seed": SEED,
+        "torch_threads": torch.get_num_threads(),
+        "precision": "bf16 autocast over fp32 weights; shipped as fp16",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        "corpus": {
+            "split_rule": SPLIT_RULE,
+            "train_files": len(train_files),
+            "train_bytes": sum(len(t.encode()) for t in texts),
+            "train_tokens": len(train_stream),
+            "held_out_files": len(held_out_files),
+            "held_out_tokens": len(held_out),
+        },
+        "tokenizer": {"type": "byte-level BPE", "vocab_size": VOCAB_SIZE, "special_tokens": list(SPECIAL_TOKENS),
+                      "unigram_perplexity": round(unigram_perplexity(train_stream, windows), 3)},
+        "evaluation": {"context": CONTEXT, "windows": len(windows), "predicted_tokens": sum(len(w) - 1 for w in windows),
+                       "slice_windows": SLICE_WINDOWS, "slice_ids_sha256": ids_digest(windows[:SLICE_WINDOWS])},
+        "models": {},
+    }
+    short_names = {folder: name for name, folder in BUNDLED_MODELS.items()}
+    for spec in SPECS:
+        folder = out / spec.folder
+        model = build_model(spec)
+        record = train(model, spec, stream, min(spec.steps, max_steps or spec.steps))
+        shutil.rmtree(folder, ignore_errors=True)
+        model.to(torch.float16).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        shipped = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        evaluation = {
+            "held_out_perplexity": round(perplexity(shipped, windows), 3),
+            "slice_perplexity": round(perplexity(shipped, windows[:SLICE_WINDOWS]), 5),
+        }
+        if spec.folder == DRAFT:
+            target = AutoModelForCausalLM.from_pretrained(out / TARGET, dtype=torch.float32).eval()
+            evaluation["greedy_agreement_with_target"] = round(agreement(shipped, target, windows), 4)
+        config = shipped.config
+        manifest["models"][spec.folder] = {
+            "short_name": short_names[spec.folder],
+            "architecture": spec.architecture,
+            "parameters": sum(p.numel() for p in shipped.parameters()),
+            "flops_per_token": {str(c): forward_flops_per_token(config, c) for c in (0, CONTEXT)},
+            "settings": dataclasses.asdict(spec),
+            "training": record,
+            "evaluation": evaluation,
+        }
+        print(spec.folder, json.dumps(manifest["models"][spec.folder]["evaluation"]), flush=True)
+    manifest["total_wall_s"] = round(time.perf_counter() - run_start, 1)
+    return manifest
+
+
+def check_draft_cost() -> None:
+    """Refuse settings whose draft costs more than an eighth of the target (before training)."""
+    configs = {spec.folder: hf_config(spec) for spec in SPECS}
+    for context in (0, CONTEXT):
+        ratio = forward_flops_per_token(configs[DRAFT], context) / forward_flops_per_token(configs[TARGET], context)
+        if ratio > 1 / 8:
+            raise SystemExit(f"the draft costs {ratio:.3f} of the target at context {context}; at most 1/8 allowed")
+
+
+def write_cards_and_checksums(out: Path, manifest: dict[str, Any]) -> None:
+    """Greedy samples through pagedserve, a model card per folder, then every file's checksum."""
+    from pagedserve import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=SAMPLE_TOKENS)
+    for folder, entry in manifest["models"].items():
+        llm = LLM(str(out / folder))
+        outputs = llm.generate(list(SAMPLE_PROMPTS), params, use_tqdm=False)
+        samples = [(p, o.outputs[0].text) for p, o in zip(SAMPLE_PROMPTS, outputs)]
+        (out / folder / "README.md").write_text(render_card(folder, manifest, samples, SAMPLE_TOKENS))
+        files = sorted(p for p in (out / folder).iterdir() if p.is_file())
+        for file in files:
+            file.chmod(0o644)  # save_pretrained leaves the weights owner-only; installs must read them
+        entry["files"] = {file.name: sha256(file) for file in files}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ASSETS_DIR, help="where the model folders go")
+    parser.add_argument("--cards", action="store_true", help="only regenerate samples, cards and checksums")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while training")
+    parser.add_argument("--max-steps", type=int, help="cap every model's steps (a smoke test, not for shipping)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    manifest_path = args.out / "manifest.json"
+    if args.cards:
+        manifest = json.loads(manifest_path.read_text())
+    else:
+        check_draft_cost()
+        manifest = train_all(args.out, args.max_steps)
+        if args.max_steps:
+            manifest["command"] += f" --max-steps {args.max_steps}"
+    write_cards_and_checksums(args.out, manifest)
+    print(f"wrote {manifest_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
