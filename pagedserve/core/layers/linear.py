@@ -67,12 +67,17 @@ class Linear(nn.Module):
     def weight_loader(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, shard_index: int | None = None
     ) -> None:
-        """Load a whole parameter, or shard ``shard_index`` of a merged one along ``output_dim``."""
+        """Load a whole parameter, or shard ``shard_index`` of a merged one along ``output_dim``;
+        a parameter with its own ``weight_loader`` attribute loads itself."""
+        if shard_index is not None and not 0 <= shard_index < self.num_shards:
+            raise ValueError(f"{self.prefix}: shard {shard_index} of {self.num_shards} does not exist")
+        own_loader = getattr(param, "weight_loader", None)
+        if own_loader is not None:
+            own_loader(param, loaded_weight, shard_index)
+            return
         if shard_index is None:
             default_weight_loader(param, loaded_weight)
             return
-        if not 0 <= shard_index < self.num_shards:
-            raise ValueError(f"{self.prefix}: shard {shard_index} of {self.num_shards} does not exist")
         output_dim = getattr(param, "output_dim", None)
         if output_dim is None:
             raise ValueError(

@@ -8,7 +8,9 @@ under ``register_quantization_methods`` by their checkpoint ``quant_method`` nam
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,9 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
     ``output_dim`` is the axis holding the output features (the axis merged layers shard along);
     ``packed_dim`` and ``pack_factor`` say that axis stores ``pack_factor`` values per element
     (packed int4 layouts), so shard offsets along it are divided by ``pack_factor``.
+    ``weight_loader(param, loaded_weight, shard_index)`` replaces the layer's loading for a
+    parameter that is not split along the output features (a per-shard scale, an index shared by
+    the shards).
     """
     for key, value in attrs.items():
         if hasattr(param, key):
@@ -103,6 +108,27 @@ def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     if raw is None:
         return None
     return dict(raw) if isinstance(raw, dict) else raw.to_dict()
+
+
+def quant_config_from_files(folder: str | Path, name: str | None) -> dict[str, Any] | None:
+    """The settings file an older tool wrote beside config.json, for checkpoints whose config.json
+    has no ``quantization_config`` (AutoGPTQ's ``quantize_config.json``, AutoAWQ's
+    ``quant_config.json``); None when there is none.
+
+    A format claims file names when it registers (``config_files=[...]``). A file that names its
+    ``quant_method`` is taken at its word; one that does not is read as the format claiming it,
+    the configured ``name`` looked at first.
+    """
+    entries = get_plugin_manager().registry("quantization_methods").entries()
+    entries.sort(key=lambda entry: entry.name != name)
+    for entry in entries:
+        for filename in entry.metadata.get("config_files", ()):
+            file = Path(folder) / filename
+            if file.is_file():
+                settings = json.loads(file.read_text())
+                settings.setdefault("quant_method", entry.name)
+                return settings
+    return None
 
 
 def get_quantization_config(name: str | None, hf_config: Any) -> QuantizationConfig | None:
