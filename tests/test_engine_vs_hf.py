@@ -182,3 +182,11 @@ def test_chat_uses_the_template(tiny_model) -> None:
     tokenizer = llm.get_tokenizer()
     expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert out.prompt_token_ids == expected["input_ids"]
+
+
+def test_prompt_logprobs_of_a_request_that_finishes_in_its_prefill_step(tiny_model) -> None:
+    # max_tokens=1: the request finishes in the step that computes its last prompt chunk.
+    llm = LLM(str(tiny_model()), dtype="float32", max_num_batched_tokens=16, max_num_seqs=4)
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    assert all(entry is not None for entry in out.prompt_logprobs[1:])

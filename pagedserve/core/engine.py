@@ -228,13 +228,14 @@ class LLMEngine:
         queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
-        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
-
-        touched: dict[str, None] = {}
+        # Before the update: a request may finish (and leave the scheduler) in this very step.
         for request_id, (start_index, logprobs) in runner_output.prompt_logprobs.items():
             seq = self.scheduler.get_request(request_id)
             if seq is not None:  # a recomputed (preempted) chunk replaces what it covered
                 seq.prompt_logprobs[start_index:] = logprobs
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
+
+        touched: dict[str, None] = {}
         now = time.monotonic()
         ttfts: list[float] = []
         itls: list[float] = []
@@ -258,7 +259,7 @@ class LLMEngine:
         self.plugins.hook.step_finished(
             stats=StepStats(
                 num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
-            num_scheduled_seqs=len(scheduler_output.scheduled),
+                num_scheduled_seqs=len(scheduler_output.scheduled),
                 num_running=self.scheduler.num_running,
                 num_waiting=self.scheduler.num_waiting,
                 kv_cache_usage=self.kv_cache.usage,
