@@ -55,7 +55,8 @@ class PagedRunner:
                 shape = self.backend.kv_cache_shape(
                     NUM_BLOCKS, BLOCK_SIZE, layer.num_kv_heads, layer.head_size
                 )
-                layer.kv_cache = torch.full(shape, float("nan"))
+                # Large finite garbage in unused slots: any read outside the mask would show.
+                layer.kv_cache = torch.randn(shape) * 1e3
         self.free_blocks = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(self.free_blocks)
         self.blocks: dict[int, list[int]] = {}

@@ -47,7 +47,10 @@ def run_case(
     layer = Attention(NUM_HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, num_kv_heads, sliding_window=window)
     backend = TorchRefBackend(config=None)
     num_blocks = sum(math.ceil((c + n) / block_size) for c, n in zip(contexts, new_tokens)) + 3
-    cache = torch.full(backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, HEAD_SIZE), float("nan"), dtype=dtype)
+    # Unused slots hold large garbage (finite, as in a zero-filled cache reused by other requests):
+    # any key or value read outside the mask would show.
+    shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, HEAD_SIZE)
+    cache = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 1e3).to(dtype)
     free = list(range(num_blocks))
     rng.shuffle(free)
 

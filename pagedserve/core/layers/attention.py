@@ -19,7 +19,8 @@ class AttentionBackend(ABC):
 
     The KV cache of each layer is one tensor whose shape the backend chooses
     (``kv_cache_shape``); the backend both writes the step's new K/V into it (at
-    ``slot_mapping``) and attends over it through the block tables.
+    ``slot_mapping``) and attends over it through the block tables. The runner allocates the cache
+    zero-filled, so a slot never written holds finite values (masked keys cancel out).
     """
 
     name: str = ""

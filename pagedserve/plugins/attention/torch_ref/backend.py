@@ -32,9 +32,6 @@ class TorchRefMetadata:
     decode_query_positions: torch.Tensor
     #: [max_decode_seq_len]: key positions of the padded decode batch.
     decode_key_positions: torch.Tensor
-    #: [num_decode, max_decode_seq_len, 1, 1]: False on padding past a request's context, whose
-    #: cache slots were never written (an uninitialised cache may hold NaN there).
-    decode_key_valid: torch.Tensor
     #: The other requests: (request index, first token, end token).
     other_spans: list[tuple[int, int, int]]
     #: Decode masks by sliding window (None = full), built by the first layer that needs one.
@@ -86,7 +83,6 @@ class TorchRefBackend(AttentionBackend):
             decode_tokens=layout.query_start_loc[decode_reqs].long(),
             decode_query_positions=query_positions,
             decode_key_positions=key_positions,
-            decode_key_valid=(key_positions[None, :] <= query_positions)[:, :, None, None],
             other_spans=other,
         )
 
@@ -128,9 +124,10 @@ class TorchRefBackend(AttentionBackend):
         max_len = metadata.decode_key_positions.numel()
         num_blocks = -(-max_len // layout.block_size)
         tables = layout.block_tables[metadata.decode_reqs, :num_blocks].long()
-        valid = metadata.decode_key_valid
-        keys = key_cache[tables].flatten(1, 2)[:, :max_len].where(valid, 0.0)  # [N, L, Hkv, D]
-        values = value_cache[tables].flatten(1, 2)[:, :max_len].where(valid, 0.0)
+        # Padding past a request's context is masked out; the runner zero-fills the cache, so
+        # slots never written hold finite values that the mask cancels.
+        keys = key_cache[tables].flatten(1, 2)[:, :max_len]  # [N, L, Hkv, D]
+        values = value_cache[tables].flatten(1, 2)[:, :max_len]
         queries = query[metadata.decode_tokens].unsqueeze(2)  # [N, H, 1, D]
         out = _attend(
             layer,
