@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test test-fast run clean
+.PHONY: setup test test-fast serve clean
 
 setup: $(VENV)/.installed
 
@@ -27,10 +27,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-## Build a tiny random Llama with a locally trained tokenizer and generate from it.
-run: setup
-	$(PY) scripts/make_tiny_model.py .tiny-model
-	$(VENV)/bin/pagedserve generate --model .tiny-model --max-tokens 32 "def fibonacci(n):"
+## Serve the bundled default model (pagedserve/tiny-py) with the OpenAI API on 127.0.0.1:8000.
+serve: setup
+	$(VENV)/bin/pagedserve serve
 
 clean:
-	rm -rf $(VENV) .tiny-model .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis
