@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Reproduces the CPU tables of docs/benchmarks.md: the bundled model (pagedserve/tiny-py), 64
+# requests with ShareGPT-shaped lengths, offline against transformers, then through the server.
+# Run from the repository root with the virtualenv active (make setup; . .venv/bin/activate),
+# on an otherwise idle machine: every figure is a ratio measured in the same run.
+set -euo pipefail
+out=${OUT:-benchmarks/results}
+tag=cpu-tiny-py-$(date -u +%Y%m%d)
+port=${PORT:-8123}
+
+pagedserve --log-level WARNING bench throughput --num-prompts 64 --lengths sharegpt \
+    --baseline hf --output-json "$out/throughput-$tag.json"
+pagedserve --log-level WARNING bench throughput --num-prompts 64 --lengths sharegpt \
+    --block-size 8 --output-json "$out/throughput-$tag-block8.json"
+
+pagedserve --log-level WARNING serve --port "$port" &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+for _ in $(seq 120); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && break
+    sleep 1
+done
+pagedserve --log-level WARNING bench serve --base-url "http://127.0.0.1:$port/v1" --num-prompts 64 \
+    --lengths sharegpt --vocab-size 4096 --max-model-len 512 --compare-offline pagedserve/tiny-py \
+    --output-json "$out/serve-$tag.json"
