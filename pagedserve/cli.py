@@ -21,6 +21,8 @@ _ENGINE_OPTIONS = [
     click.option("--num-kv-blocks", type=int, default=None),
     click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True),
     click.option("--kv-cache-dtype", default="auto", type=click.Choice(["auto", "fp8"])),
+    click.option("--load-format", default="auto", type=click.Choice(["auto", "dummy"]),
+                 help="dummy: random weights, no checkpoint read (benchmarks)."),
     click.option("--attention-backend", default=None),
     click.option("--device", default="auto"),
     click.option("--seed", type=int, default=0),
@@ -37,7 +39,8 @@ def engine_options(func: Any) -> Any:
 def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The engine arguments among a command's parsed options."""
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "attention_backend", "device", "seed")
+             "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
+             "attention_backend", "device", "seed")
     return {name: kwargs[name] for name in names}
 
 

@@ -127,3 +127,18 @@ def test_top_k_beyond_the_vocabulary_means_no_limit(llm: LLM) -> None:
     plain = SamplingParams(temperature=0.0, max_tokens=4)
     got, want = llm.generate(["def f():", "def f():"], [huge, plain], use_tqdm=False)
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_dummy_load_format_needs_no_checkpoint(tiny_model, tmp_path: Path) -> None:
+    folder = tmp_path / "shape-only"
+    shutil.copytree(tiny_model(), folder)
+    (folder / "model.safetensors").unlink()
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    first = LLM(str(folder), dtype="float32", load_format="dummy")
+    tokens = first.generate(["def f():"], params, use_tqdm=False)[0].outputs[0].token_ids
+    again = LLM(str(folder), dtype="float32", load_format="dummy").generate(["def f():"], params, use_tqdm=False)
+    assert len(tokens) == 5 and again[0].outputs[0].token_ids == tokens  # seeded: reproducible
+    norms = [p for n, p in first.engine.runner.model.named_parameters() if n.endswith("norm.weight")]
+    assert norms and all(bool((p == 1).all()) for p in norms)
+    with pytest.raises(ConfigError, match="load_format"):
+        LLM(str(folder), load_format="pickle")

@@ -23,10 +23,12 @@ def bench() -> None:
 @click.option("--workload-seed", type=int, default=0)
 @click.option("--baseline", type=click.Choice(["hf"]), default=None,
               help="Also run transformers generate (sequential and padded static batches).")
+@click.option("--sequential-prompts", type=int, default=None,
+              help="Run the sequential baseline on the first N prompts only (its tokens/s is a rate).")
 @click.option("--profile", is_flag=True, help="Print the engine run's top functions (cProfile).")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
-               profile: bool, output_json: str | None, **kwargs: Any) -> None:
+               sequential_prompts: int | None, profile: bool, output_json: str | None, **kwargs: Any) -> None:
     """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths)."""
     from pagedserve.bench.report import format_table, write_result
     from pagedserve.bench.throughput import run_throughput
@@ -53,8 +55,11 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         from pagedserve.bench.hf_baseline import hf_sequential, hf_static_batches, load_hf_model
 
         runner = engine.runner
-        hf_model = load_hf_model(engine.config.model.model_path, runner.dtype, runner.device.type)
-        sequential = hf_sequential(hf_model, workload)
+        hf_model = load_hf_model(
+            engine.config.model.model_path, runner.dtype, runner.device.type,
+            random_weights=engine.config.model.load_format == "dummy",
+        )
+        sequential = hf_sequential(hf_model, workload[:sequential_prompts])
         static = hf_static_batches(hf_model, workload, engine.config.scheduler.max_num_seqs)
         results["hf_sequential"], results["hf_static_batches"] = sequential, static
         results["speedup_vs_hf_sequential"] = results["output_tokens_per_s"] / sequential["output_tokens_per_s"]
@@ -68,6 +73,7 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     click.echo(format_table(rows))
     if output_json:
         settings = {"model": model, "num_prompts": num_prompts, "lengths": lengths,
+                    "sequential_prompts": sequential_prompts,
                     "workload_seed": workload_seed, **engine_args(kwargs),
                     "max_model_len": engine.max_model_len,
                     "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}

@@ -12,10 +12,15 @@ import torch
 from pagedserve.bench.workload import BenchRequest
 
 
-def load_hf_model(model_path: str, dtype: torch.dtype, device: str) -> Any:
-    from transformers import AutoModelForCausalLM
+def load_hf_model(model_path: str, dtype: torch.dtype, device: str, random_weights: bool = False) -> Any:
+    """transformers' model of the same folder; with ``random_weights`` (pagedserve's
+    ``load_format="dummy"``) built from its config alone, as no checkpoint is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if random_weights:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     return model.to(device).eval()
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "dummy")
 #: "auto": the model's dtype; "fp8": float8 e4m3 with a per-tensor scale for K and for V.
 KV_CACHE_DTYPES = ("auto", "fp8")
 
@@ -32,6 +33,9 @@ class ModelConfig:
     seed: int = 0
     revision: str | None = None
     served_model_name: str | None = None
+    #: "auto": the checkpoint's safetensors; "dummy": random weights, no checkpoint read (for
+    #: benchmarks of model shapes that are not at hand, as vLLM's ``load_format="dummy"``).
+    load_format: str = "auto"
     #: Filled by the loader: the transformers config and the resolved folder.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -44,6 +48,8 @@ class ModelConfig:
         _positive("max_model_len", self.max_model_len, allow_none=True)
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
 
 
 @dataclass
@@ -155,6 +161,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "seed": ("model", "seed"),
     "revision": ("model", "revision"),
     "served_model_name": ("model", "served_model_name"),
+    "load_format": ("model", "load_format"),
     "block_size": ("cache", "block_size"),
     "num_kv_blocks": ("cache", "num_kv_blocks"),
     "kv_cache_memory_bytes": ("cache", "kv_cache_memory_bytes"),

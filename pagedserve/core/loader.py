@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,6 @@ def load_model(model_config: ModelConfig, quantization: str | None, device: str)
     hf_config = load_hf_config(path)
     model_config.model_path = path
     model_config.hf_config = hf_config
-    files = safetensors_files(path)
     cls = model_class(hf_config)
     if checkpoint_quant_config(hf_config) is None:
         side_file_settings = quant_config_from_files(path, quantization)
@@ -204,12 +204,28 @@ def load_model(model_config: ModelConfig, quantization: str | None, device: str)
     dtype = resolve_dtype(model_config.dtype, hf_config, device)
     with default_dtype(dtype), torch.device(device):
         model = cls(hf_config, quant_config)
-    model.load_weights(iterate_weights(files))
+    if model_config.load_format == "dummy":
+        initialize_dummy_weights(model, model_config.seed)
+    else:
+        model.load_weights(iterate_weights(safetensors_files(path)))
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None:
             quant_method.process_weights_after_loading(module)
     return model.eval()
+
+
+def initialize_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights instead of a checkpoint: N(0, 0.02) for floating-point parameters, ones for
+    norm weights. Integer (packed quantized) parameters keep what they were created with."""
+    for name, param in model.named_parameters():
+        if not param.dtype.is_floating_point:
+            continue
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            generator = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
+            param.data.normal_(0.0, 0.02, generator=generator)
 
 
 def load_generation_config(path: str) -> dict[str, Any]:
