@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_model  # noqa: E402
-from tiny_tokenizer import BOS, EOS, PAD, train_tokenizer  # noqa: E402
+from tiny_tokenizer import train_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 512
 
@@ -45,5 +45,3 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 
     return make
 
-
-__all__ = ["BOS", "EOS", "PAD"]
