@@ -189,12 +189,14 @@ def model_class(hf_config: Any) -> type[nn.Module]:
 def load_model(model_config: ModelConfig, quantization: str | None, device: str) -> nn.Module:
     """Build the model named by ``model_config`` on ``device`` and load its weights.
 
-    Sets ``model_config.model_path`` and ``model_config.hf_config``.
+    Reuses ``model_config.model_path`` and ``hf_config`` when the engine has resolved them
+    already, and sets them otherwise.
     """
-    path = resolve_model_path(model_config.model, model_config.revision)
-    hf_config = load_hf_config(path)
-    model_config.model_path = path
-    model_config.hf_config = hf_config
+    if model_config.model_path is None:
+        model_config.model_path = resolve_model_path(model_config.model, model_config.revision)
+    if model_config.hf_config is None:
+        model_config.hf_config = load_hf_config(model_config.model_path)
+    path, hf_config = model_config.model_path, model_config.hf_config
     cls = model_class(hf_config)
     if checkpoint_quant_config(hf_config) is None:
         side_file_settings = quant_config_from_files(path, quantization)
