@@ -11,7 +11,8 @@ import torch
 from pagedserve.core.forward_context import build_batch_layout
 from pagedserve.core.layers.attention import Attention
 from pagedserve.core.plugins import get_plugin_manager
-from pagedserve.plugins.attention.torch_ref.backend import TorchRefBackend
+from pagedserve.plugins.attention.torch_ref import backend as backend_module
+from pagedserve.plugins.attention.torch_ref.backend import TorchRefBackend, group_by_length
 
 HEAD_SIZE = 8
 NUM_HEADS = 4
@@ -140,3 +141,22 @@ def test_backend_is_registered_as_the_lowest_priority_default() -> None:
     assert entry.metadata["priority"] == 0
     assert entry.load() is TorchRefBackend
     assert TorchRefBackend.supports(None) is None
+
+
+def test_group_by_length_cuts_where_the_padding_saved_exceeds_a_group() -> None:
+    # Longest first: 10; 9 saves 1 slot for each of the 4 left (4 <= 5: same group); 3 saves
+    # 7 * 3 = 21 > 5 (new group); 2 saves 1 * 2 (same group); 1 saves 2 * 1 (same group).
+    assert group_by_length([3, 10, 1, 9, 2], cost=5) == [[1, 3], [0, 4, 2]]
+    assert group_by_length([4, 4, 4], cost=0) == [[0, 1, 2]]
+    assert group_by_length([], cost=5) == []
+    assert sorted(map(sorted, group_by_length([7, 1, 50], cost=0))) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("cost", [0, 64, 10**9])
+def test_decode_groups_of_any_split_match_dense_attention(monkeypatch: pytest.MonkeyPatch, cost: int) -> None:
+    """Very different context lengths, split into one group per length (cost 0), a few, or one."""
+    monkeypatch.setattr(backend_module, "GROUP_COST_SLOTS", cost)
+    torch.manual_seed(0)
+    contexts = [3, 200, 5, 120, 7, 64, 65, 1]
+    out, expected = run_case(random.Random(1), contexts, [1] * len(contexts), 2, 8, None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
