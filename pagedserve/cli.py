@@ -24,6 +24,7 @@ _ENGINE_OPTIONS = [
     click.option("--load-format", default="auto", type=click.Choice(["auto", "dummy"]),
                  help="dummy: random weights, no checkpoint read (benchmarks)."),
     click.option("--attention-backend", default=None),
+    click.option("--torch-compile", is_flag=True, help="Compile the model forward (slower start, faster steps)."),
     click.option("--device", default="auto"),
     click.option("--seed", type=int, default=0),
 ]
@@ -40,7 +41,7 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The engine arguments among a command's parsed options."""
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
-             "attention_backend", "device", "seed")
+             "attention_backend", "torch_compile", "device", "seed")
     return {name: kwargs[name] for name in names}
 
 

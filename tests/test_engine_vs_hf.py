@@ -190,3 +190,20 @@ def test_prompt_logprobs_of_a_request_that_finishes_in_its_prefill_step(tiny_mod
     out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
     assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
     assert all(entry is not None for entry in out.prompt_logprobs[1:])
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_torch_compile_identical_to_transformers_without_recompiling(tiny_model, name: str) -> None:
+    """The compiled forward (attention as one opaque custom op) gives transformers' tokens, over
+    mixed steps of chunks and decodes, with only the graphs compiled at start-up."""
+    from torch._dynamo.utils import counters
+
+    architecture, overrides = CONFIGS[name]
+    model_dir = tiny_model(architecture, **overrides)
+    expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
+    before = counters["stats"]["unique_graphs"]
+    llm = LLM(str(model_dir), dtype="float32", torch_compile=True, max_num_batched_tokens=16, max_num_seqs=4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs == before + 2  # the one-token graph and the symbolic one, compiled at start-up
+    assert greedy(llm, PROMPTS) == expected
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -133,6 +133,10 @@ class EngineConfig:
     attention_backend: str | None = None
     sampler: str = "default"
     quantization: str | None = None
+    #: Compile the model forward with ``torch.compile`` (attention stays one opaque op): fewer,
+    #: fused kernels a step, at the cost of compiling at start-up. Off by default, unlike vLLM,
+    #: because on a small CPU the compile time outweighs short runs.
+    torch_compile: bool = False
 
     def finalize(self, model_max_len: int) -> None:
         """Settle the settings that depend on the model (called once the HF config is read)."""
@@ -179,6 +183,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "attention_backend": (None, "attention_backend"),
     "sampler": (None, "sampler"),
     "quantization": (None, "quantization"),
+    "torch_compile": (None, "torch_compile"),
 }
 
 

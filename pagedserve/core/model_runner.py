@@ -90,8 +90,14 @@ class ModelRunner(ModelRunnerBase):
         backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
         self.backend = backend_cls(config)
         self.kv_cache_dtype = self._kv_cache_dtype()
+        #: The model's forward; with ``torch_compile``, compiled before the KV cache is sized, so
+        #: that what compilation holds on the device is not counted as free.
+        self.forward = self.model
+        if config.torch_compile:
+            self.forward = torch.compile(self.model, dynamic=True)
+            self._warm_up()
         self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_caches = self._allocate_kv_caches()
+        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
 
         self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
 
@@ -137,12 +143,10 @@ class ModelRunner(ModelRunnerBase):
             )
         return int(blocks)
 
-    def _allocate_kv_caches(self) -> list[torch.Tensor]:
+    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         caches = []
         for layer in self.attention_layers:
-            shape = self.backend.kv_cache_shape(
-                self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_size
-            )
+            shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
             layer.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             caches.append(layer.kv_cache)
             if self.config.cache.kv_cache_dtype == "fp8":
@@ -150,6 +154,20 @@ class ModelRunner(ModelRunnerBase):
                 # checkpoints without calibrated scales; a tensor, so kernels read it on device.
                 layer.kv_scale = torch.ones(2, dtype=torch.float32, device=self.device)
         return caches
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile the forward for the shapes it will see: one token (dynamo specialises size 1)
+        and several (one graph with a symbolic token count), on a throwaway cache."""
+        start = time.perf_counter()
+        blocks = list(range(-(-2 // self.block_size)))
+        self._allocate_kv_caches(len(blocks))
+        for num_tokens in (1, 2):
+            layout = build_batch_layout([(blocks, 0, num_tokens)], self.block_size, self.device)
+            input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+            with set_forward_context(self.backend, self.backend.build_metadata(layout)):
+                self.forward(input_ids, layout.positions)
+        logger.info("compiled the model forward in %.1f s", time.perf_counter() - start)
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -186,7 +204,7 @@ class ModelRunner(ModelRunnerBase):
         metadata = self.backend.build_metadata(layout)
         forward_start = time.perf_counter()
         with set_forward_context(self.backend, metadata):
-            hidden = self.model(input_ids, layout.positions)
+            hidden = self.forward(input_ids, layout.positions)
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
             sample_logits = self.model.compute_logits(hidden[rows])

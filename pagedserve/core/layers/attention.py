@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +71,12 @@ class AttentionBackend(ABC):
 
 
 class Attention(nn.Module):
-    """Multi-head attention over the paged KV cache; delegates to the engine's backend."""
+    """Multi-head attention over the paged KV cache; delegates to the engine's backend.
+
+    The call goes through the custom op ``pagedserve::attention``, so that ``torch.compile``
+    treats attention as one opaque step (the backend's metadata is per-step Python state it
+    cannot trace) and compiles the rest of the model around it.
+    """
 
     def __init__(
         self,
@@ -93,9 +100,16 @@ class Attention(nn.Module):
         #: and V scales) only for an fp8 cache.
         self.kv_cache: torch.Tensor | None = None
         self.kv_scale: torch.Tensor | None = None
+        #: How the custom op finds this layer again: a process-unique number.
+        self.op_id = next(_op_ids)
+        _layers_by_op_id[self.op_id] = self
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``query`` [T, H*D], ``key``/``value`` [T, Hkv*D] -> [T, H*D]."""
+        return torch.ops.pagedserve.attention(query, key, value, self.op_id)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The eager body of ``forward``: the backend chosen at start-up, with this step's metadata."""
         ctx = get_forward_context()
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not bound to this attention layer")
@@ -108,3 +122,19 @@ class Attention(nn.Module):
             ctx.attn_metadata,
         )
         return out.reshape(-1, self.num_heads * self.head_size)
+
+
+_op_ids = itertools.count()
+_layers_by_op_id: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictionary()
+
+
+# Writes the layer's KV cache, which is not an argument: nothing else in a compiled graph reads
+# the cache, and each layer's call depends on the one before through its input.
+@torch.library.custom_op("pagedserve::attention", mutates_args=())
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, op_id: int) -> torch.Tensor:
+    return _layers_by_op_id[op_id].attend(query, key, value)
+
+
+@_attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, op_id: int) -> torch.Tensor:
+    return torch.empty_like(query)
