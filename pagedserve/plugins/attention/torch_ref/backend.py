@@ -29,8 +29,6 @@ from pagedserve.core.layers.attention import Attention, AttentionBackend
 if TYPE_CHECKING:
     from pagedserve.core.config import EngineConfig
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
 #: A decode group costs about as much as gathering and attending this many padded key slots
 #: (measured on a CPU: one group's gathers and SDPA call are ~50 µs, a padded slot ~40 ns).
 GROUP_COST_SLOTS = 1024
@@ -224,11 +222,9 @@ def _attend(
 ) -> torch.Tensor:
     """SDPA over [N, H, Lq, D] queries and [N, Hkv, Lk, D] keys/values (SDPA's own GQA/MQA
     grouping, no copies of the KV heads); no mask means causal over equal query and key lengths.
-    Half-precision inputs are computed in fp32."""
-    dtype = query.dtype
-    if dtype in _HALF_DTYPES:
-        query, key, value = query.float(), key.float(), value.float()
-    out = F.scaled_dot_product_attention(
+    Half-precision inputs go in as they are: SDPA accumulates them in fp32 itself (upcasting
+    first gave the same results, and was three times slower in bf16 on the CPU)."""
+    return F.scaled_dot_product_attention(
         query,
         key,
         value,
@@ -237,4 +233,3 @@ def _attend(
         scale=layer.scale,
         enable_gqa=layer.num_heads != layer.num_kv_heads,
     )
-    return out.to(dtype)
