@@ -69,13 +69,16 @@ def test_bench_throughput_command_with_hf_baseline(tiny_model, tmp_path: Path) -
     command = [
         sys.executable, "-m", "pagedserve", "--log-level", "WARNING", "bench", "throughput",
         "--model", str(tiny_model()), "--dtype", "float32", "--num-prompts", "4",
-        "--lengths", "fixed:8,4", "--baseline", "hf", "--output-json", str(out),
+        "--lengths", "fixed:8,4", "--baseline", "hf", "--baseline-dtype", "bfloat16",
+        "--warmup-prompts", "2", "--output-json", str(out),
     ]
     printed = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "speedup_vs_hf_sequential" in printed
     record = json.loads(out.read_text())
     assert record["benchmark"] == "throughput" and record["machine"]["device"] == "cpu"
+    assert record["settings"]["warmup_prompts"] == 2 and record["settings"]["dtype"] == "float32"
     results = record["results"]
+    assert results["hf_dtype"] == "bfloat16"
     assert results["hf_sequential"]["output_tokens"] == results["output_tokens"] == 16
     assert results["hf_static_batches"]["generated_tokens_incl_padding"] == 16
     assert results["speedup_vs_hf_sequential"] == pytest.approx(

@@ -25,11 +25,21 @@ def bench() -> None:
               help="Also run transformers generate (sequential and padded static batches).")
 @click.option("--sequential-prompts", type=int, default=None,
               help="Run the sequential baseline on the first N prompts only (its tokens/s is a rate).")
+@click.option("--baseline-dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="The baseline's dtype (default: the engine's), e.g. the fastest one transformers has here.")
+@click.option("--warmup-prompts", type=int, default=0,
+              help="First run this many other prompts of the same lengths through each system, unmeasured.")
 @click.option("--profile", is_flag=True, help="Print the engine run's top functions (cProfile).")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
-               sequential_prompts: int | None, profile: bool, output_json: str | None, **kwargs: Any) -> None:
-    """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths)."""
+               sequential_prompts: int | None, baseline_dtype: str | None, warmup_prompts: int, profile: bool,
+               output_json: str | None, **kwargs: Any) -> None:
+    """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths).
+
+    A warm-up (``--warmup-prompts``) runs a workload of other prompts through each system first:
+    the first time a matmul shape is seen costs a one-time set-up in oneDNN (bf16 on the CPU)
+    and in cuBLAS, which a server pays once, not on every run.
+    """
     from pagedserve.bench.report import format_table, write_result
     from pagedserve.bench.throughput import run_throughput
     from pagedserve.bench.workload import make_workload
@@ -41,6 +51,9 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         raise click.UsageError("give --model")
     engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
     workload = make_workload(lengths, num_prompts, engine.vocab_size, engine.max_model_len, workload_seed)
+    warmup = make_workload(lengths, warmup_prompts, engine.vocab_size, engine.max_model_len, workload_seed + 1)
+    if warmup:
+        run_throughput(engine, warmup)
     if profile:
         import cProfile
         import pstats
@@ -54,17 +67,26 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     if baseline == "hf":
         from pagedserve.bench.hf_baseline import hf_sequential, hf_static_batches, load_hf_model
 
+        import torch
+
         runner = engine.runner
+        dtype = getattr(torch, baseline_dtype) if baseline_dtype else runner.dtype
+        results["hf_dtype"] = str(dtype).removeprefix("torch.")
         hf_model = load_hf_model(
-            engine.config.model.model_path, runner.dtype, runner.device.type,
+            engine.config.model.model_path, dtype, runner.device.type,
             random_weights=engine.config.model.load_format == "dummy",
         )
+        max_batch = engine.config.scheduler.max_num_seqs
+        if warmup:
+            hf_sequential(hf_model, warmup[: min(len(warmup), 8)])
+            hf_static_batches(hf_model, warmup[:max_batch], max_batch)
         sequential = hf_sequential(hf_model, workload[:sequential_prompts])
-        static = hf_static_batches(hf_model, workload, engine.config.scheduler.max_num_seqs)
+        static = hf_static_batches(hf_model, workload, max_batch)
         results["hf_sequential"], results["hf_static_batches"] = sequential, static
         results["speedup_vs_hf_sequential"] = results["output_tokens_per_s"] / sequential["output_tokens_per_s"]
         results["speedup_vs_hf_static_batches"] = results["output_tokens_per_s"] / static["output_tokens_per_s"]
         rows += [
+            ("hf_dtype", results["hf_dtype"]),
             ("hf_sequential_output_tokens_per_s", sequential["output_tokens_per_s"]),
             ("hf_static_output_tokens_per_s", static["output_tokens_per_s"]),
             ("speedup_vs_hf_sequential", results["speedup_vs_hf_sequential"]),
@@ -73,7 +95,8 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     click.echo(format_table(rows))
     if output_json:
         settings = {"model": model, "num_prompts": num_prompts, "lengths": lengths,
-                    "sequential_prompts": sequential_prompts,
+                    "sequential_prompts": sequential_prompts, "baseline_dtype": baseline_dtype,
+                    "warmup_prompts": warmup_prompts,
                     "workload_seed": workload_seed, **engine_args(kwargs),
                     "max_model_len": engine.max_model_len,
                     "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}
