@@ -176,7 +176,10 @@ def test_fp8_cache_end_to_end(worker: KernelWorker, tiny_model) -> None:
     """The runner allocates an fp8 cache with its scales and the backend serves it. Tokens are not
     compared: a random tiny model's near-tied logits flip under fp8 rounding (the kernels'
     fp8 arithmetic is checked against torch in test_triton_kernels)."""
-    got = generate(worker, tiny_model(), attention_backend="triton", kv_cache_dtype="fp8", max_tokens=4)
+    got = generate(
+        worker, tiny_model(), attention_backend="triton", kv_cache_dtype="fp8", max_tokens=4,
+        max_num_batched_tokens=24, max_num_seqs=4,  # a small start-up warm-up under the interpreter
+    )
     assert got["kv_cache_dtype"] == "torch.float8_e4m3fn"
     assert got["kv_scales"] == [[1.0, 1.0]] * 2  # one per layer: vLLM's default for uncalibrated models
     assert all(got["tokens"])

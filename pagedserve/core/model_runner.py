@@ -90,14 +90,10 @@ class ModelRunner(ModelRunnerBase):
         backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
         self.backend = backend_cls(config)
         self.kv_cache_dtype = self._kv_cache_dtype()
-        #: The model's forward; with ``torch_compile``, compiled before the KV cache is sized, so
-        #: that what compilation holds on the device is not counted as free.
-        self.forward = self.model
-        if config.torch_compile:
-            self.forward = torch.compile(self.model, dynamic=True)
-            self._warm_up()
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+        self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
+        self._warm_up()
 
         self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
 
@@ -157,17 +153,40 @@ class ModelRunner(ModelRunnerBase):
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Compile the forward for the shapes it will see: one token (dynamo specialises size 1)
-        and several (one graph with a symbolic token count), on a throwaway cache."""
+        """Run the forward once at the largest step the scheduler can make, as vLLM's profile run
+        does: the first time a size is seen, the CPU allocator maps fresh pages and oneDNN or
+        cuBLAS set up their kernels, a cost the first requests would otherwise pay (a third of a
+        short CPU benchmark). With ``torch_compile``, first one token and two: dynamo specialises
+        size 1 and compiles one graph with a symbolic token count for every other size. The
+        dummy K/V written into the cache are zeroed after (the backend contract)."""
         start = time.perf_counter()
-        blocks = list(range(-(-2 // self.block_size)))
-        self._allocate_kv_caches(len(blocks))
-        for num_tokens in (1, 2):
-            layout = build_batch_layout([(blocks, 0, num_tokens)], self.block_size, self.device)
-            input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-            with set_forward_context(self.backend, self.backend.build_metadata(layout)):
-                self.forward(input_ids, layout.positions)
-        logger.info("compiled the model forward in %.1f s", time.perf_counter() - start)
+        sizes = [1, 2] if self.config.torch_compile else []
+        sizes.append(self.config.scheduler.max_num_batched_tokens)
+        for num_tokens in sizes:
+            self._dummy_step(num_tokens)
+        for kv in self.kv_caches:
+            kv.view(torch.uint8).zero_()
+        logger.info("warmed up%s in %.1f s", " and compiled the model forward" * self.config.torch_compile,
+                    time.perf_counter() - start)
+
+    def _dummy_step(self, num_tokens: int) -> None:
+        """A forward over fresh requests of zeros, as many tokens as the cache holds, up to
+        ``num_tokens``, each request at most ``max_model_len`` long; then the logits of a full
+        batch of sampled rows."""
+        seqs: list[tuple[list[int], int, int]] = []
+        next_block = 0
+        while num_tokens > 0 and next_block < self.num_kv_blocks:
+            free_slots = (self.num_kv_blocks - next_block) * self.block_size
+            length = min(num_tokens, self.config.model.max_model_len, free_slots)
+            blocks = -(-length // self.block_size)
+            seqs.append((list(range(next_block, next_block + blocks)), 0, length))
+            next_block += blocks
+            num_tokens -= length
+        layout = build_batch_layout(seqs, self.block_size, self.device)
+        input_ids = torch.zeros(layout.num_tokens, dtype=torch.long, device=self.device)
+        with set_forward_context(self.backend, self.backend.build_metadata(layout)):
+            hidden = self.forward(input_ids, layout.positions)
+        self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
 
     # -- one step --------------------------------------------------------------------------------
 
