@@ -212,7 +212,7 @@ def test_torch_compile_identical_to_transformers_without_recompiling(tiny_model,
 def test_start_up_warm_up_leaves_a_zeroed_cache(tiny_model) -> None:
     """The runner's dummy step at the largest batch (as many tokens as the cache holds) writes K/V;
     it zeroes them after, as the attention backend contract says a never-written slot is."""
-    llm = LLM(str(tiny_model()), dtype="float32", block_size=4, num_kv_blocks=8, max_model_len=64)
+    llm = LLM(str(tiny_model()), dtype="float32", block_size=4, num_kv_blocks=16, max_model_len=64)
     assert all(not kv.any() for kv in llm.engine.runner.kv_caches)
     assert llm.engine.kv_cache.num_used_blocks == 0
     assert greedy(llm, PROMPTS[:1]) == hf_greedy(tiny_model(), PROMPTS[:1], MAX_TOKENS)
