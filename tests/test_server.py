@@ -274,6 +274,7 @@ def test_metrics_parse_and_move(client, server, model_dir) -> None:
         "e2e_request_latency_seconds_sum",
         "request_queue_time_seconds_count",
         "request_success_total",
+        "iteration_tokens_total_bucket",
     ):
         assert f"pagedserve:{name}" in names
     before = {
@@ -285,6 +286,7 @@ def test_metrics_parse_and_move(client, server, model_dir) -> None:
             "inter_token_latency_seconds_count",
             "e2e_request_latency_seconds_count",
             "prefix_cache_hits_total",
+            "iteration_tokens_total_count",
         )
     }
     length = metric(server, "pagedserve:request_success_total", finished_reason="length")
@@ -304,6 +306,8 @@ def test_metrics_parse_and_move(client, server, model_dir) -> None:
     assert moved["inter_token_latency_seconds_count"] == 2 * (usage.completion_tokens - 1)
     assert moved["e2e_request_latency_seconds_count"] == 2
     assert moved["prefix_cache_hits_total"] > 0
+    # One step per token: the prompt (or what the prefix cache lacks) with the first, then one each.
+    assert moved["iteration_tokens_total_count"] == 2 * usage.completion_tokens
     assert metric(server, "pagedserve:request_success_total", finished_reason="length") == length + 2
 
 

@@ -25,6 +25,7 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                10.0, 20.0, 40.0, 80.0)
 REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 # fmt: on
 FINISHED_REASONS = ("stop", "length", "abort")
 
@@ -61,6 +62,12 @@ class EngineMetrics:
             "End-to-end request latency in seconds.",
             buckets=REQUEST_BUCKETS,
         )
+        self.iteration_tokens = make(
+            Histogram,
+            "iteration_tokens_total",
+            "Tokens computed per engine step (its count is the number of steps).",
+            buckets=ITERATION_TOKEN_BUCKETS,
+        )
         self.queue_time = make(
             Histogram,
             "request_queue_time_seconds",
@@ -87,6 +94,8 @@ class EngineMetrics:
         self.preemptions.inc(stats.num_preemptions)
         self.prefix_queries.inc(stats.prefix_cache_queries)
         self.prefix_hits.inc(stats.prefix_cache_hits)
+        if stats.num_scheduled_tokens:
+            self.iteration_tokens.observe(stats.num_scheduled_tokens)
         for seconds in stats.time_to_first_tokens:
             self.ttft.observe(seconds)
         for seconds in stats.inter_token_latencies:
