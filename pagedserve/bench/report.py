@@ -36,8 +36,11 @@ def git_commit() -> str | None:
         )
     except (OSError, subprocess.CalledProcessError):
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    # Results written by earlier runs of the same script do not make the code dirty.
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent,
+    ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
