@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from pagedserve.bench.serve import run_load
 from pagedserve.bench.throughput import run_throughput
@@ -61,6 +63,18 @@ def test_throughput_counts_tokens_and_kv_waste(tiny_model) -> None:
     assert results["max_concurrency_paged"] > results["max_concurrency_contiguous"]
     assert results["median_step_overhead"] >= 0
     assert not engine.has_unfinished_requests() and engine.kv_cache.num_used_blocks == 0
+    # The memory roofline: 2 layers x (K, V) x 2 KV heads x head size 16 x 4 bytes per token;
+    # the weights as transformers counts them, plus the rotary cache.
+    assert results["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model(), dtype=torch.float32)
+    rotary = engine.runner.model.model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    assert results["weight_bytes"] == 4 * hf.num_parameters() + rotary.numel() * 4
+    assert results["copy_bandwidth_gb_per_s"] > 0
+    expected = (results["num_steps"] * results["weight_bytes"] + results["kv_tokens_read"] * results["kv_bytes_per_token"]) / (
+        results["copy_bandwidth_gb_per_s"] * 1e9
+    )
+    assert results["roofline_seconds"] == pytest.approx(expected)
+    assert results["fraction_of_roofline"] == pytest.approx(expected / results["elapsed_s"])
 
 
 @pytest.mark.slow

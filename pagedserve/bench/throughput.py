@@ -8,13 +8,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.bench.roofline import roofline
 from pagedserve.bench.workload import BenchRequest
 from pagedserve.core.engine import LLMEngine, StepStats
 from pagedserve.core.hookspecs import hookimpl
+from pagedserve.core.model_runner import ModelRunner
 from pagedserve.core.sampling_params import SamplingParams
 
 
-@dataclass
+@dataclass(eq=False)  # identity: pluggy refuses a plugin equal to one already registered
 class StepRecorder:
     """A plugin, registered for one run, that keeps every step's stats and samples the KV cache:
     slots allocated to running requests against slots holding a token."""
@@ -69,7 +71,7 @@ def summarize(
     block_size = engine.config.cache.block_size
     capacity = engine.kv_cache.num_blocks * block_size
     mean_request_slots = statistics.mean(-(-r.total_len // block_size) * block_size for r in workload)
-    return {
+    results = {
         "num_requests": len(workload),
         "elapsed_s": elapsed,
         "requests_per_s": len(workload) / elapsed,
@@ -87,3 +89,9 @@ def summarize(
         "median_step_overhead": statistics.median(overheads),
         "num_preemptions": sum(s.num_preemptions for s in steps),
     }
+    if isinstance(engine.runner, ModelRunner):
+        # Each step attends over the whole context of each running request: what they hold after
+        # it (requests that finished in the step not counted, so the bound errs fast).
+        bound = roofline(engine.runner, len(steps), recorder.slots_filled, output_tokens)
+        results.update(bound, fraction_of_roofline=bound["roofline_seconds"] / elapsed)
+    return results
