@@ -188,12 +188,16 @@ def test_fp8_quantized_while_loading_an_unquantized_checkpoint(source: Path) -> 
     torch.testing.assert_close(paged_logits(model, PROMPT), hf_logits(reference, PROMPT), rtol=1e-4, atol=1e-4)
 
 
-def test_engine_generates_from_a_gptq_checkpoint_like_its_dense_reference(source: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("torch_compile", [False, True])
+def test_engine_generates_from_a_gptq_checkpoint_like_its_dense_reference(
+    source: Path, tmp_path: Path, torch_compile: bool
+) -> None:
+    """Eager, and compiled: the quantized linear method's unpack-and-matmul traced by dynamo."""
     out = run_quantize(source, tmp_path / "gptq", "--method", "gptq", "--group-size", "32")
     reference = dense_reference(out, functools.partial(dense_gptq, bits=4))
     prompt = torch.tensor([PROMPT[:12]])
     expected = reference.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 12:]
-    llm = LLM(str(out), dtype="float32", quantization="gptq", num_kv_blocks=16)
+    llm = LLM(str(out), dtype="float32", quantization="gptq", num_kv_blocks=16, torch_compile=torch_compile)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     output = llm.generate([{"prompt_token_ids": PROMPT[:12]}], greedy)
     assert output[0].outputs[0].token_ids == expected.tolist()
