@@ -91,7 +91,7 @@ class ModelRunner(ModelRunnerBase):
         self.backend = backend_cls(config)
         self.kv_cache_dtype = self._kv_cache_dtype()
         self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+        self.kv_caches = self._allocate_kv_caches()
         self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
         self._warm_up()
 
@@ -139,10 +139,12 @@ class ModelRunner(ModelRunnerBase):
             )
         return int(blocks)
 
-    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
+    def _allocate_kv_caches(self) -> list[torch.Tensor]:
         caches = []
         for layer in self.attention_layers:
-            shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            shape = self.backend.kv_cache_shape(
+                self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_size
+            )
             layer.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             caches.append(layer.kv_cache)
             if self.config.cache.kv_cache_dtype == "fp8":
@@ -166,8 +168,8 @@ class ModelRunner(ModelRunnerBase):
             self._dummy_step(num_tokens)
         for kv in self.kv_caches:
             kv.view(torch.uint8).zero_()
-        logger.info("warmed up%s in %.1f s", " and compiled the model forward" * self.config.torch_compile,
-                    time.perf_counter() - start)
+        what = "compiled and warmed up" if self.config.torch_compile else "warmed up"
+        logger.info("%s the model forward in %.1f s", what, time.perf_counter() - start)
 
     def _dummy_step(self, num_tokens: int) -> None:
         """A forward over fresh requests of zeros, as many tokens as the cache holds, up to
