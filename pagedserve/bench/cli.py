@@ -78,7 +78,7 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         )
         max_batch = engine.config.scheduler.max_num_seqs
         if warmup:
-            hf_sequential(hf_model, warmup[: min(len(warmup), 8)])
+            hf_sequential(hf_model, warmup[:8])
             hf_static_batches(hf_model, warmup[:max_batch], max_batch)
         sequential = hf_sequential(hf_model, workload[:sequential_prompts])
         static = hf_static_batches(hf_model, workload, max_batch)
