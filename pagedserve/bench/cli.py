@@ -37,8 +37,8 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths).
 
     A warm-up (``--warmup-prompts``) runs a workload of other prompts through each system first:
-    the first time a matmul shape is seen costs a one-time set-up in oneDNN (bf16 on the CPU)
-    and in cuBLAS, which a server pays once, not on every run.
+    the first time a matmul shape is seen costs a one-time set-up in oneDNN (bf16 on the CPU,
+    about 0.5 ms a shape), which a server pays once, not on every run.
     """
     from pagedserve.bench.report import format_table, write_result
     from pagedserve.bench.throughput import run_throughput

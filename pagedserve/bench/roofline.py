@@ -5,10 +5,12 @@ copy bandwidth, measured in the same run."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
-from pagedserve.core.model_runner import ModelRunner
+if TYPE_CHECKING:
+    from pagedserve.core.model_runner import ModelRunner
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 5) -> float:

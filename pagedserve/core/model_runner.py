@@ -156,9 +156,9 @@ class ModelRunner(ModelRunnerBase):
     @torch.inference_mode()
     def _warm_up(self) -> None:
         """Run the forward once at the largest step the scheduler can make, as vLLM's profile run
-        does: the first time a size is seen, the CPU allocator maps fresh pages and oneDNN or
-        cuBLAS set up their kernels, a cost the first requests would otherwise pay (a third of a
-        short CPU benchmark). With ``torch_compile``, first one token and two: dynamo specialises
+        does: the first step of a large size costs a one-time set-up (likely the allocator mapping
+        fresh memory), which the first requests would otherwise pay (a third of a short CPU
+        benchmark, measured). With ``torch_compile``, first one token and two: dynamo specialises
         size 1 and compiles one graph with a symbolic token count for every other size. The
         dummy K/V written into the cache are zeroed after (the backend contract)."""
         start = time.perf_counter()
