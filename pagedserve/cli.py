@@ -97,6 +97,19 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
     engine.shutdown()
 
 
+def _json_list(value: Any) -> list[str]:
+    """A flag given as a JSON list of strings, as vLLM takes its CORS flags."""
+    if isinstance(value, list):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc}); give a list such as '[\"*\"]'") from exc
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise click.BadParameter(f"give a JSON list of strings, not {value}")
+    return parsed
+
+
 def default_model() -> str | None:
     """The bundled default model's name, once the package ships one."""
     try:
@@ -118,14 +131,23 @@ def default_model() -> str | None:
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
 @click.option("--tensor-parallel-size", "-tp", type=int, default=1, show_default=True)
 @click.option("--quantization", default=None, help="Weight format (default: the checkpoint's).")
+@click.option("--allowed-origins", type=_json_list, default=None,
+              help='CORS: origins allowed, a JSON list (\'["https://a.example"]\'); off if not given.')
+@click.option("--allowed-methods", type=_json_list, default='["*"]', show_default=True,
+              help="CORS: methods allowed, a JSON list.")
+@click.option("--allowed-headers", type=_json_list, default='["*"]', show_default=True,
+              help="CORS: request headers allowed, a JSON list.")
+@click.option("--allow-credentials", is_flag=True, help="CORS: allow credentials (cookies).")
 def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,
           served_model_name: str | None, gpu_memory_utilization: float, tensor_parallel_size: int,
-          quantization: str | None, **kwargs: Any) -> None:
+          quantization: str | None, allowed_origins: list[str] | None, allowed_methods: list[str],
+          allowed_headers: list[str], allow_credentials: bool, **kwargs: Any) -> None:
     """Serve MODEL with an OpenAI-compatible HTTP API until SIGINT or SIGTERM."""
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.loader import ModelLoadError
     from pagedserve.core.plugins import PluginError
     from pagedserve.server.app import run_server
+    from pagedserve.server.middleware import CORSOptions
 
     if model_argument and model and model_argument != model:
         raise click.UsageError(f"MODEL ({model_argument}) and --model ({model}) differ; give one")
@@ -138,7 +160,12 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
             quantization=quantization,
         )
-        run_server(config, host, port, api_key, log_level=logging.getLogger().getEffectiveLevel())
+        cors = None
+        if allowed_origins:
+            cors = CORSOptions(allowed_origins, allowed_methods, allowed_headers, allow_credentials)
+        elif allow_credentials:
+            raise click.UsageError("--allow-credentials needs --allowed-origins")
+        run_server(config, host, port, api_key, cors, log_level=logging.getLogger().getEffectiveLevel())
     except (ValueError, ModelLoadError, PluginError) as exc:
         raise click.ClickException(str(exc)) from exc
 

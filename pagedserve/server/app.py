@@ -22,6 +22,7 @@ from pagedserve.core.config import EngineConfig
 from pagedserve.core.tokenizer import load_tokenizer
 from pagedserve.server import chat, completions, tokens
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
+from pagedserve.server.middleware import CORSOptions, install_middleware, uvicorn_log_config
 from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, ModelList
 from pagedserve.server.serving import ServerState, get_state
 
@@ -50,15 +51,34 @@ async def health(state: Annotated[ServerState, Depends(get_state)]) -> Response:
     return Response(status_code=200)
 
 
+@router.api_route("/ping", methods=["GET", "POST"])
+async def ping(state: Annotated[ServerState, Depends(get_state)]) -> Response:
+    """SageMaker's health check, as vLLM serves it: the same as ``/health``."""
+    return await health(state)
+
+
 @router.get("/version")
 async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
+def model_cards(state: ServerState) -> list[ModelCard]:
+    """The models this server answers to."""
+    return [ModelCard(id=state.model_name, root=state.model_path, max_model_len=state.max_model_len)]
+
+
 @router.get("/v1/models")
 async def list_models(state: Annotated[ServerState, Depends(get_state)]) -> ModelList:
-    card = ModelCard(id=state.model_name, root=state.model_path, max_model_len=state.max_model_len)
-    return ModelList(data=[card])
+    return ModelList(data=model_cards(state))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: Annotated[ServerState, Depends(get_state)]) -> ModelCard:
+    """One model by id (a path id, such as a model folder, may hold slashes)."""
+    for card in model_cards(state):
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"The model `{model_id}` does not exist.", param="model")
 
 
 @router.get("/metrics")
@@ -70,10 +90,16 @@ def served_model_name(config: EngineConfig) -> str:
     return config.model.served_model_name or config.model.model
 
 
-def create_app(engine: AsyncLLMEngine, registry: CollectorRegistry, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: AsyncLLMEngine,
+    registry: CollectorRegistry,
+    api_key: str | None = None,
+    cors: CORSOptions | None = None,
+) -> FastAPI:
     """The server of a built engine; the app's lifespan starts and stops the engine thread.
     ``registry`` holds the metrics ``/metrics`` exports. Routers that plugins register
-    (``register_routes``) are included after the built-in ones."""
+    (``register_routes``) are included after the built-in ones. CORS headers are sent only
+    when ``cors`` names origins."""
     llm_engine = engine.engine
     config = llm_engine.config
     model = config.model
@@ -108,6 +134,7 @@ def create_app(engine: AsyncLLMEngine, registry: CollectorRegistry, api_key: str
     )
     app.state.server = state
     install_error_handlers(app)
+    install_middleware(app, cors)
     for built_in in (router, completions.router, chat.router, tokens.router):
         app.include_router(built_in)
     for entry in engine.plugins.registry("routes").entries():
@@ -120,7 +147,12 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def run_server(
-    config: EngineConfig, host: str, port: int, api_key: str | None = None, **uvicorn_args: Any
+    config: EngineConfig,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    cors: CORSOptions | None = None,
+    **uvicorn_args: Any,
 ) -> None:
     """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0)."""
     import uvicorn
@@ -134,4 +166,5 @@ def run_server(
     disable_created_metrics()  # as vLLM: no ``*_created`` series
     metrics = EngineMetrics(served_model_name(config))
     engine = AsyncLLMEngine(config, observers=[metrics])
-    uvicorn.run(create_app(engine, metrics.registry, api_key), host=host, port=port, **uvicorn_args)
+    app = create_app(engine, metrics.registry, api_key, cors)
+    uvicorn.run(app, host=host, port=port, log_config=uvicorn_log_config(), **uvicorn_args)

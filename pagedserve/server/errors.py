@@ -65,8 +65,19 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return error_response(400, message or "invalid request", param)
 
 
+def _routing_message(request: Request, exc: HTTPException) -> str:
+    """Starlette's bare "Not Found" / "Method Not Allowed" of its router, naming the route."""
+    route = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"Not Found: {route} is not a route of this server"
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        allowed = (exc.headers or {}).get("Allow", "")
+        return f"Method Not Allowed: {route}; {request.url.path} allows {allowed or 'no method'}"
+    return str(exc.detail)
+
+
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    response = error_response(exc.status_code, str(exc.detail))
+    response = error_response(exc.status_code, _routing_message(request, exc))
     response.headers.update(exc.headers or {})
     return response
 

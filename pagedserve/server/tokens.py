@@ -1,8 +1,9 @@
-"""``POST /tokenize`` and ``POST /detokenize`` (vLLM's), with the server's tokenizer."""
+"""``POST /tokenize``, ``POST /detokenize`` and ``GET /tokenizer_info`` (vLLM's), with the
+server's tokenizer."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
@@ -40,3 +41,30 @@ async def detokenize(
     if any(token >= state.vocab_size for token in body.tokens):
         raise ValueError(f"a token id is outside the vocabulary [0, {state.vocab_size})")
     return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+
+def _json_safe(value: Any) -> Any:
+    """Tokenizer init kwargs as JSON: AddedToken and other objects become their text."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+_FILE_FIELDS = ("vocab_file", "merges_file", "tokenizer_file")
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(state: Annotated[ServerState, Depends(get_state)]) -> dict[str, Any]:
+    """The tokenizer's configuration (its tokenizer_config.json as loaded), as vLLM answers:
+    the init kwargs without file paths, ``tokenizer_class`` and the chat template."""
+    tokenizer = state.tokenizer
+    info = {k: v for k, v in tokenizer.init_kwargs.items() if k not in _FILE_FIELDS}
+    info = _json_safe(info)
+    info["tokenizer_class"] = type(tokenizer).__name__
+    if tokenizer.chat_template:
+        info["chat_template"] = tokenizer.chat_template
+    return info
