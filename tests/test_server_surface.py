@@ -101,3 +101,26 @@ def test_no_cors_headers_unless_asked_for(server) -> None:
         f"{server.url}/v1/models", headers={**origin, "Access-Control-Request-Method": "GET"}
     )
     assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_when_origins_are_given() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from pagedserve.server.middleware import CORSOptions, install_middleware
+
+    app = FastAPI()
+    app.get("/v1/models")(lambda: {"data": []})
+    install_middleware(app, CORSOptions(["https://app.example"], ["GET"], ["Authorization"], True))
+    client = TestClient(app)
+    allowed = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET"}
+    preflight = client.options("/v1/models", headers=allowed)
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+    assert preflight.headers["access-control-allow-credentials"] == "true"
+    assert preflight.headers["X-Request-Id"]
+    other = client.options("/v1/models", headers={**allowed, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    response = client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert response.headers["access-control-expose-headers"] == "X-Request-Id"
+    with pytest.raises(ValueError, match="name the origins"):
+        CORSOptions(["*"], allow_credentials=True)
