@@ -516,3 +516,61 @@ def test_first_scheduled_time_and_unset_budget() -> None:
     assert request.first_scheduled_time is not None
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Scheduler(SchedulerConfig(), scheduler.kv_cache, FCFSPolicy(), 64)
+
+
+# -- fair seats -------------------------------------------------------------------------------
+
+
+def test_one_request_with_every_seat_cannot_keep_newcomers_waiting() -> None:
+    """An n=256 request holds all 256 seats; small requests arriving every third step each get
+    their first token within two steps of arriving (steps, not seconds), and every sequence of
+    the big one, preempted to make room, still generates the uninterrupted tokens."""
+    scheduler = make_scheduler(num_blocks=6000, max_num_seqs=256, max_num_batched_tokens=512)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
+    big = make_group("big", prompt(1, 6), n=256, max_tokens=40)
+    members = [big, *big.fork_children]
+    scheduler.add_request(big)
+    small: dict[str, tuple[Request, int]] = {}
+    waited: dict[str, int] = {}
+    steps = 0
+    while steps < 90 or scheduler.has_unfinished_requests():
+        assert steps < 400, "the scheduler made no progress"
+        if steps % 3 == 0 and steps < 90:
+            request = make_request(f"s{steps}", prompt(steps + 2, 5), max_tokens=3)
+            scheduler.add_request(request)
+            small[request.request_id] = (request, steps)
+        step(scheduler, runner)
+        steps += 1
+        for request_id, (request, arrived) in small.items():
+            if request.output_token_ids and request_id not in waited:
+                waited[request_id] = steps - arrived
+    assert len(waited) == len(small) == 30
+    assert max(waited.values()) <= 2, waited
+    for request, _ in small.values():
+        assert request.output_token_ids == reference_tokens(request.prompt_token_ids, 3, VOCAB)
+    expected = reference_tokens(prompt(1, 6), 40, VOCAB)
+    assert all(member.output_token_ids == expected for member in members)
+    assert scheduler.num_preemptions_total > 0
+    assert scheduler.kv_cache.num_used_blocks == 0
+
+
+def test_fair_seats_leave_one_sequence_per_request() -> None:
+    """Two requests of four sequences fill eight seats; a newcomer of n=8 cannot get in even by
+    taking all but one from each, so no one is preempted; one of n=3 takes three seats (two
+    from the request holding the most, then one from the other)."""
+    scheduler = make_scheduler(max_num_seqs=8, max_num_batched_tokens=64)
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
+    for name in ("a", "b"):
+        scheduler.add_request(make_group(name, prompt(len(name), 5), n=4, max_tokens=30))
+    for _ in range(3):
+        step(scheduler, runner)
+    assert scheduler.num_running == 8
+    scheduler.add_request(make_group("wide", prompt(3, 5), n=8, max_tokens=2))
+    output = step(scheduler, runner)
+    assert output.preempted == [] and scheduler.num_running == 8
+    scheduler.finish_request("wide-0", RequestStatus.FINISHED_ABORTED)
+    scheduler.add_request(make_group("c", prompt(4, 5), n=3, max_tokens=2))
+    output = step(scheduler, runner)
+    assert sorted(r.parent_id for r in output.preempted) in (["a", "a", "b"], ["a", "b", "b"])
+    assert {s.request.parent_id for s in output.scheduled} == {"a", "b", "c"}
+    run_all(scheduler, [], runner)

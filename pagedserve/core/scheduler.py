@@ -9,11 +9,18 @@ are freed and it is recomputed later (its prefix-cached blocks make that cheap).
 A user request with ``n > 1`` arrives as a leader whose siblings wait for it: the leader computes
 all of the prompt but its last token, then each sibling forks its blocks (copy-on-write) and all
 of them go on as independent requests.
+
+Fair seats: when every seat (``max_num_seqs``) is taken and a request none of whose sequences
+runs is waiting, the request running the most sequences gives up its most recently admitted
+ones (preempted, recomputed later mostly from the prefix cache) while it keeps more than one. So
+the sequences of one request never keep a newcomer waiting more than a step; only
+``max_num_seqs`` distinct running requests make it queue.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from pagedserve.core.config import SchedulerConfig
@@ -198,7 +205,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         step = _StepBuilder(self.config.max_num_batched_tokens)
         self._schedule_running(step)
-        if not step.preempted:
+        if not step.preempted:  # blocks ran short: nothing new this step
+            self._make_seats(step)
             self._admit_waiting(step)
         scheduled = list(step.entries.values())
         return SchedulerOutput(
@@ -240,9 +248,40 @@ class Scheduler:
         self.num_preemptions_total += 1
         self.waiting.append(request)
 
+    def _seats_by_request(self) -> Counter[str]:
+        """Seats held per user request (``parent_id``); a leader holds its siblings' too."""
+        seats: Counter[str] = Counter()
+        for request in self.running:
+            seats[request.parent_id] += 1 + len(request.fork_children)
+        return seats
+
+    def _make_seats(self, step: _StepBuilder) -> None:
+        """Fair seats (see the module docstring): free seats for the first waiting request
+        that holds none, from the request holding the most, down to one sequence each."""
+        seats = self._seats_by_request()
+        newcomers = [r for r in self.waiting if r.parent_id not in seats]
+        if not newcomers:
+            return
+        newcomer = min(newcomers, key=self.policy.sort_key)
+        missing = sum(seats.values()) + 1 + len(newcomer.fork_children) - self.config.max_num_seqs
+        victims = {parent: [r for r in self.running if r.parent_id == parent and not r.fork_children]
+                   for parent in seats}
+        if missing > sum(min(seats[p] - 1, len(v)) for p, v in victims.items()):
+            return  # it cannot get in either way: keep everyone running
+        while missing > 0:
+            parent = max(victims, key=lambda p: (min(seats[p] - 1, len(victims[p])) > 0, seats[p]))
+            victim = victims[parent].pop()
+            step.unschedule(victim)
+            self._preempt(victim)
+            step.preempted.append(victim)
+            seats[parent] -= 1
+            missing -= 1
+
     def _admit_waiting(self, step: _StepBuilder) -> None:
-        seats = sum(1 + len(r.fork_children) for r in self.running)
-        self.waiting.sort(key=self.policy.sort_key)
+        seats_by_request = self._seats_by_request()
+        seats = sum(seats_by_request.values())
+        # Requests holding no seat first (fair seats), each part in the policy's order.
+        self.waiting.sort(key=lambda r: (r.parent_id in seats_by_request, self.policy.sort_key(r)))
         while self.waiting and step.budget > 0:
             request = self.waiting[0]
             group_size = 1 + len(request.fork_children)
