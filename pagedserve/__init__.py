@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 from pagedserve.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "hookimpl", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__"]
 
 if TYPE_CHECKING:
     from pagedserve.core.llm import LLM
-    from pagedserve.core.sampling_params import SamplingParams
+    from pagedserve.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:
@@ -23,8 +23,8 @@ def __getattr__(name: str) -> Any:
         from pagedserve.core.llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from pagedserve.core.sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from pagedserve.core import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     raise AttributeError(f"module 'pagedserve' has no attribute {name!r}")

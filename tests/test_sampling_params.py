@@ -60,3 +60,30 @@ def test_clone_changes_a_field_and_validates_again() -> None:
     assert params.temperature == 1.0
     with pytest.raises(ValueError, match="^top_p"):
         params.clone(top_p=2.0)
+
+
+# -- structured outputs -------------------------------------------------------------------------
+
+
+def test_structured_outputs_params_take_exactly_one_constraint() -> None:
+    from pagedserve import StructuredOutputsParams
+
+    assert StructuredOutputsParams(json='{"type": "object"}').json == {"type": "object"}
+    assert StructuredOutputsParams(choice=("a", "b")).kind == "choice"
+    assert StructuredOutputsParams(json_object=True).kind == "json_object"
+    with pytest.raises(ValueError, match="exactly one of .*got none"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="got regex, choice"):
+        StructuredOutputsParams(regex="a+", choice=["a"])
+    with pytest.raises(ValueError, match="json is not valid JSON"):
+        StructuredOutputsParams(json="{not json")
+    with pytest.raises(ValueError, match="must be a JSON schema"):
+        StructuredOutputsParams(json="[1, 2]")
+    with pytest.raises(ValueError, match="choice must be a non-empty list"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match="non-empty strings only"):
+        StructuredOutputsParams(choice=["a", 3])
+    with pytest.raises(ValueError, match="regex must be a non-empty string"):
+        StructuredOutputsParams(regex="  ")
+    with pytest.raises(ValueError, match="must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"json": {}})

@@ -574,3 +574,42 @@ def test_fair_seats_leave_one_sequence_per_request() -> None:
     assert sorted(r.parent_id for r in output.preempted) in (["a", "a", "b"], ["a", "b", "b"])
     assert {s.request.parent_id for s in output.scheduled} == {"a", "b", "c"}
     run_all(scheduler, [], runner)
+
+# -- requests waiting for their preparation (a grammar compiling) ---------------------------------
+
+
+def test_a_request_waits_for_its_pending_work_while_the_others_run() -> None:
+    from concurrent.futures import Future
+
+    scheduler = make_scheduler()
+    runner = FakeRunner(scheduler.kv_cache, VOCAB)
+    compiling: Future = Future()
+    first = make_request("first", prompt(1, 6), max_tokens=4, arrival_time=0)
+    first.pending = [compiling]
+    later = make_request("later", prompt(2, 6), max_tokens=4, arrival_time=1)
+    scheduler.add_request(first)
+    scheduler.add_request(later)
+    for _ in range(2):
+        output = step(scheduler, runner)
+        assert [s.request.request_id for s in output.scheduled] == ["later"]
+        assert first.status is RequestStatus.WAITING and first.num_computed_tokens == 0
+    scheduler.wait_for_pending(0.0)  # returns at once: nothing to wait for that long
+    compiling.set_result(None)
+    output = step(scheduler, runner)
+    assert [s.request.request_id for s in output.scheduled] == ["later", "first"]
+    while scheduler.has_unfinished_requests():
+        step(scheduler, runner)
+    assert first.output_token_ids == reference_tokens(prompt(1, 6), 4, VOCAB)
+    assert scheduler.kv_cache.num_used_blocks == 0
+
+
+def test_aborting_a_request_that_waits_for_pending_work() -> None:
+    from concurrent.futures import Future
+
+    scheduler = make_scheduler()
+    request = make_request("a", prompt(1, 6))
+    request.pending = [Future()]
+    scheduler.add_request(request)
+    assert scheduler.schedule().scheduled == []
+    scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
+    assert not scheduler.has_unfinished_requests()

@@ -22,6 +22,10 @@ from pagedserve.core.tokenizer import IncrementalDetokenizer, get_eos_token_ids,
 
 logger = logging.getLogger(__name__)
 
+#: How long a step with nothing to run waits for pending preparations before returning (an
+#: abort or a new request is seen no later than this).
+PENDING_POLL_SECONDS = 0.02
+
 #: A prompt: text, token ids, or vLLM's ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
 PromptType = str | list[int] | dict[str, Any]
 
@@ -196,6 +200,8 @@ class LLMEngine:
             sibling.fork_leader = leader
             sibling.status = RequestStatus.WAITING_FOR_FORK
             sibling.arrival_time = leader.arrival_time
+        # Siblings wait for their leader, so only the leader waits for the preparation.
+        leader.pending = self.runner.prepare_request(leader, self.tokenizer)
         self.scheduler.add_request(leader)
         detokenizers = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in sequences]
         self._groups[request_id] = _Group(text, token_ids, sequences, detokenizers, params)
@@ -227,6 +233,9 @@ class LLMEngine:
         start = time.perf_counter()
         queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
         scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.scheduled:
+            # Only requests waiting for their preparation (a grammar compiling): sleep on it.
+            self.scheduler.wait_for_pending(PENDING_POLL_SECONDS)
         runner_output = self.runner.execute(scheduler_output)
         # Before the update: a request may finish (and leave the scheduler) in this very step.
         for request_id, (start_index, logprobs) in runner_output.prompt_logprobs.items():

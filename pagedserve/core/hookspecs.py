@@ -136,6 +136,14 @@ def register_lora_formats(register: Register) -> None:
 
 
 @hookspec
+def register_tool_parsers(register: Register) -> None:
+    """Register tool-call parsers for ``tool_choice="auto"`` (``--tool-call-parser NAME``):
+    subclasses of ``plugins.structured.tool_parsers.ToolParser``, which find the tool calls in a
+    model's output text. Built in: ``hermes`` and ``llama3_json``.
+    """
+
+
+@hookspec
 def register_routes(register: Register) -> None:
     """Register extra HTTP routers for ``pagedserve serve`` (``"module:router"`` of FastAPI)."""
 

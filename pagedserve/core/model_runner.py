@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +24,7 @@ from pagedserve.core.plugins import PluginManager, Registry
 from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
 
 if TYPE_CHECKING:
+    from pagedserve.core.request import Request
     from pagedserve.core.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ class ModelRunnerBase(ABC):
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+    def prepare_request(self, request: Request, tokenizer: Any) -> list[Future]:
+        """Check a new request against the sampler's logits processors (ValueError) and start
+        their preparation; the request waits for the returned futures."""
+        return []
 
 
 def select_attention_backend(config: EngineConfig, registry: Registry) -> type[AttentionBackend]:
@@ -189,6 +196,9 @@ class ModelRunner(ModelRunnerBase):
         with set_forward_context(self.backend, self.backend.build_metadata(layout)):
             hidden = self.forward(input_ids, layout.positions)
         self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+
+    def prepare_request(self, request: Request, tokenizer: Any) -> list[Future]:
+        return self.sampler.prepare_request(request, tokenizer)
 
     # -- one step --------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ REGISTRY_HOOKS: dict[str, str] = {
     "logits_processors": "register_logits_processors",
     "speculative_proposers": "register_speculative_proposers",
     "lora_formats": "register_lora_formats",
+    "tool_parsers": "register_tool_parsers",
     "routes": "register_routes",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from concurrent.futures import Future
 from typing import Any
 
 from pagedserve.core.sampling_params import SamplingParams
@@ -72,6 +73,9 @@ class Request:
         self.block_hashes: list[bytes] = []
         self.num_cached_tokens = 0
         self.num_preemptions = 0
+        #: Work that must finish before the request is first scheduled (a grammar compiling off
+        #: the engine loop, ...): until then it waits and the others run.
+        self.pending: list[Future] = []
         #: Sampling results kept for the output: per output token, (logprob, rank, top dict).
         self.logprobs: list[Any] = []
         self.prompt_logprobs: list[Any] = []
@@ -97,6 +101,12 @@ class Request:
     @property
     def max_tokens(self) -> int | None:
         return self.sampling_params.max_tokens
+
+    @property
+    def ready(self) -> bool:
+        """No pending work is left (what has failed counts as done: its owner reports it)."""
+        self.pending = [future for future in self.pending if not future.done()]
+        return not self.pending
 
     @property
     def is_finished(self) -> bool:

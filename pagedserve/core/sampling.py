@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import repeat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -149,6 +150,12 @@ class LogitsProcessor(ABC):
         self.vocab_size = vocab_size
         self.device = device
 
+    def prepare_request(self, request: Request, tokenizer: Any) -> Future | None:
+        """Called when a request is added, in the caller's thread: raise ValueError for options
+        this processor cannot serve, and start any slow preparation (a grammar to compile) off
+        the engine loop. The request is not scheduled before the returned future is done."""
+        return None
+
     @abstractmethod
     def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor: ...
 
@@ -171,6 +178,11 @@ class Sampler(ABC):
 
     @abstractmethod
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput: ...
+
+    def prepare_request(self, request: Request, tokenizer: Any) -> list[Future]:
+        """Every processor's ``prepare_request``: the futures the request waits for."""
+        futures = (p.prepare_request(request, tokenizer) for p in self.processors)
+        return [future for future in futures if future is not None]
 
 
 def request_generator(request: Request, device: torch.device | str) -> torch.Generator:

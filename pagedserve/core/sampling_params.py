@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,65 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a grammar (vLLM's ``StructuredOutputsParams``): exactly one of
+    ``json`` (a JSON schema, as a dict or its text), ``regex``, ``choice`` (one of these strings),
+    ``grammar`` (EBNF / GBNF, or Lark) or ``json_object`` (any JSON object).
+
+    The grammar backend (a logits-processor plugin) checks the schema or grammar itself when the
+    request is added: an invalid one is a ValueError then. ``disable_any_whitespace``,
+    ``disable_additional_properties`` and ``disable_fallback`` are accepted for vLLM's clients;
+    they describe what pagedserve does anyway (compact JSON, no properties the schema does not
+    name, one backend and so no fallback).
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            what = ", ".join(given) if given else "none"
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar or "
+                f"json_object; got {what}"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {self.json!r}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice:
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice must hold non-empty strings only")
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: ``json``, ``regex``, ``choice``, ``grammar`` or ``json_object``."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
 
 
 @dataclass
@@ -45,6 +105,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    #: Constrain the output to a JSON schema, regex, choice or grammar (a grammar-backend plugin).
+    structured_outputs: StructuredOutputsParams | None = None
     #: Options for third-party logits processors, keyed by whatever they document.
     extra_args: dict[str, Any] | None = None
     #: Filled by the engine: the model's EOS ids (from generation_config / tokenizer).
@@ -99,6 +161,8 @@ class SamplingParams:
                 not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_LOGPROBS
             ):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise ValueError("extra_args must be a dict")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 
 from pagedserve.core.config import SchedulerConfig
@@ -180,6 +181,13 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def wait_for_pending(self, timeout: float) -> None:
+        """Block until some waiting request's pending work finishes, or ``timeout`` seconds:
+        the engine calls this when a step had nothing to run, instead of spinning."""
+        pending = [future for r in self.waiting for future in r.pending if not future.done()]
+        if pending:
+            wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -259,7 +267,7 @@ class Scheduler:
         """Fair seats (see the module docstring): free seats for the first waiting request
         that holds none, from the request holding the most, down to one sequence each."""
         seats = self._seats_by_request()
-        newcomers = [r for r in self.waiting if r.parent_id not in seats]
+        newcomers = [r for r in self.waiting if r.parent_id not in seats and r.ready]
         if not newcomers:
             return
         newcomer = min(newcomers, key=self.policy.sort_key)
@@ -282,6 +290,17 @@ class Scheduler:
         seats = sum(seats_by_request.values())
         # Requests holding no seat first (fair seats), each part in the policy's order.
         self.waiting.sort(key=lambda r: (r.parent_id in seats_by_request, self.policy.sort_key(r)))
+        # Requests whose pending work is not done keep their places; the others pass them.
+        ready = [r.ready for r in self.waiting]
+        not_ready = [r for r, ok in zip(self.waiting, ready) if not ok]
+        if not_ready:
+            self.waiting = [r for r, ok in zip(self.waiting, ready) if ok]
+        try:
+            self._admit_ready(step, seats)
+        finally:
+            self.waiting[:0] = not_ready
+
+    def _admit_ready(self, step: _StepBuilder, seats: int) -> None:
         while self.waiting and step.budget > 0:
             request = self.waiting[0]
             group_size = 1 + len(request.fork_children)
