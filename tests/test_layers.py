@@ -27,7 +27,8 @@ from pagedserve.core.layers.quantization import (
     get_quantization_config,
     set_weight_attrs,
 )
-from pagedserve.core.layers.rotary import get_rope, rope_parameters_from_config
+from pagedserve.core.layers.rotary import get_rope, rope_parameters_from_config, rotary_dim_from_config
+from pagedserve.core.loader import get_model_max_len
 from pagedserve.core.plugins import Entry, PluginError, get_plugin_manager
 
 HEADS, HEAD_DIM, MAX_POSITION = 4, 16, 64
@@ -43,6 +44,24 @@ ROPE_CASES: dict[str, dict[str, Any]] = {
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16,
+    },
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-mscale": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "mscale": 0.7,
+        "mscale_all_dim": 1.0,
+        "beta_fast": 16,
+    },
+    # Longer than the original length: HF takes the long factors, as we always do then.
+    "longrope": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "original_max_position_embeddings": 16,
+        "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+        "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 8.0, 12.0, 16.0],
     },
 }
 
@@ -106,8 +125,47 @@ def test_partial_rotary_dim_leaves_the_rest_of_each_head() -> None:
 
 
 def test_unsupported_rope_type_is_refused() -> None:
-    with pytest.raises(ValueError, match="yarn.*supported: default, linear, dynamic, llama3"):
-        get_rope(HEAD_DIM, HEAD_DIM, MAX_POSITION, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="mrope.*supported: default, linear, dynamic, llama3, yarn, longrope"):
+        get_rope(HEAD_DIM, HEAD_DIM, MAX_POSITION, 10000.0, {"rope_type": "mrope", "factor": 2.0})
+
+
+def test_yarn_covers_the_original_length_times_its_factor() -> None:
+    rope = get_rope(HEAD_DIM, HEAD_DIM, MAX_POSITION, *rope_parameters_from_config(
+        SimpleNamespace(rope_parameters=dict(ROPE_CASES["yarn"]))))  # fmt: skip
+    assert rope.max_len == 64 and get_model_max_len(SimpleNamespace(
+        max_position_embeddings=32, rope_parameters=dict(ROPE_CASES["yarn"]))) == 64  # fmt: skip
+
+
+def test_su_is_longrope_with_the_original_length_beside_the_scaling() -> None:
+    """Phi-3's older layout: ``rope_scaling={"type": "su", ...}``, the original length a config key."""
+    longrope = dict(ROPE_CASES["longrope"])
+    old = SimpleNamespace(
+        rope_theta=longrope.pop("rope_theta"),
+        original_max_position_embeddings=longrope.pop("original_max_position_embeddings"),
+        rope_scaling={**longrope, "type": "su", "rope_type": None},
+    )
+    expected = get_rope(HEAD_DIM, HEAD_DIM, MAX_POSITION, *rope_parameters_from_config(
+        SimpleNamespace(rope_parameters=dict(ROPE_CASES["longrope"]))))  # fmt: skip
+    ours = get_rope(HEAD_DIM, HEAD_DIM, MAX_POSITION, *rope_parameters_from_config(old))
+    torch.testing.assert_close(ours.cos_sin_cache, expected.cos_sin_cache)
+
+
+def test_longrope_takes_the_short_factors_when_the_context_is_the_original_length() -> None:
+    params = {**ROPE_CASES["longrope"], "original_max_position_embeddings": MAX_POSITION}
+    config = LlamaConfig(
+        hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS, max_position_embeddings=MAX_POSITION,
+        rope_parameters=dict(params),
+    )
+    rope = get_rope(HEAD_DIM, HEAD_DIM, MAX_POSITION, *rope_parameters_from_config(config))
+    positions = torch.randperm(MAX_POSITION, generator=torch.Generator().manual_seed(0))
+    q, k = torch.randn(MAX_POSITION, HEADS * HEAD_DIM), torch.randn(MAX_POSITION, HEAD_DIM)
+    torch.testing.assert_close(rope(positions, q, k)[0], hf_rotate(config, positions, q, k)[0])
+
+
+def test_partial_rotary_factor_from_either_config_layout() -> None:
+    assert rotary_dim_from_config(SimpleNamespace(rope_parameters={"partial_rotary_factor": 0.5}), 16) == 8
+    assert rotary_dim_from_config(SimpleNamespace(partial_rotary_factor=0.25), 16) == 4
+    assert rotary_dim_from_config(SimpleNamespace(), 16) == 16
 
 
 @pytest.mark.parametrize(
@@ -141,6 +199,46 @@ def test_rms_norm_matches_transformers(dtype: torch.dtype) -> None:
     out, new_residual = ours(x, residual)
     torch.testing.assert_close(new_residual, x + residual, atol=0, rtol=0)
     torch.testing.assert_close(out, theirs(x + residual), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offset_rms_norm_matches_transformers_gemma(dtype: torch.dtype) -> None:
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+
+    weight = (torch.randn(32) * 0.1).to(dtype)
+    ours, theirs = RMSNorm(32, eps=1e-6, weight_offset=1.0).to(dtype), Gemma2RMSNorm(32, eps=1e-6).to(dtype)
+    ours.weight.data.copy_(weight)
+    theirs.weight.data = weight.clone()
+    x = torch.randn(7, 32).to(dtype)
+    torch.testing.assert_close(ours(x), theirs(x), atol=0, rtol=0)
+
+
+def test_fused_checkpoint_tensor_loads_shard_by_shard() -> None:
+    """Phi-3's qkv_proj stored as one tensor lands where three separate ones would."""
+    separate, fused = Linear(8, [4, 2, 2], bias=True), Linear(8, [4, 2, 2], bias=True)
+    weights = [torch.randn(n, 8) for n in (4, 2, 2)]
+    biases = [torch.randn(n) for n in (4, 2, 2)]
+    for index in range(3):
+        separate.weight_loader(separate.weight, weights[index], index)
+        separate.weight_loader(separate.bias, biases[index], index)
+    fused.load_fused(fused.weight, torch.cat(weights))
+    fused.load_fused(fused.bias, torch.cat(biases))
+    torch.testing.assert_close(fused.weight, separate.weight, atol=0, rtol=0)
+    torch.testing.assert_close(fused.bias, separate.bias, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="does not hold the shards"):
+        fused.load_fused(fused.weight, torch.randn(7, 8))
+
+
+def test_scaled_embedding_and_soft_capped_head() -> None:
+    embedding = VocabEmbedding(10, 4, scale=4**0.5)
+    embedding.weight.data.normal_()
+    ids = torch.tensor([3, 1])
+    torch.testing.assert_close(embedding(ids), embedding.weight[ids] * 2.0)
+    head = LMHead(10, 4, tied_to=embedding, soft_cap=2.0)
+    hidden = torch.randn(2, 4) * 10
+    logits = head(hidden)
+    torch.testing.assert_close(logits, torch.tanh(F.linear(hidden, embedding.weight) / 2.0) * 2.0)
+    assert logits.abs().max() <= 2.0 < F.linear(hidden, embedding.weight).abs().max()
 
 
 def test_merged_linear_loads_each_shard_into_place() -> None:

@@ -19,13 +19,17 @@ NUM_HEADS = 4
 
 
 def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_position: int, window: int | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_position: int, window: int | None, scale: float,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """q [Q, H, D] at positions first_position.., k/v [S, Hkv, D] at 0..S-1, in float64."""
+    """q [Q, H, D] at positions first_position.., k/v [S, Hkv, D] at 0..S-1, in float64 (scores
+    capped to ``soft_cap * tanh(s / soft_cap)`` when given, as HF Gemma 2's eager attention)."""
     group = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(group, dim=1)
     v = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if soft_cap is not None:
+        scores = torch.tanh(scores / soft_cap) * soft_cap
     query_pos = torch.arange(first_position, first_position + q.shape[0])[:, None]
     key_pos = torch.arange(k.shape[0])[None, :]
     visible = key_pos <= query_pos
@@ -43,9 +47,12 @@ def run_case(
     block_size: int,
     window: int | None,
     dtype: torch.dtype = torch.float32,
+    soft_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write each request's context into a paged cache, attend its new tokens; return (ours, dense)."""
-    layer = Attention(NUM_HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, num_kv_heads, sliding_window=window)
+    layer = Attention(
+        NUM_HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, num_kv_heads, sliding_window=window, logits_soft_cap=soft_cap
+    )
     backend = TorchRefBackend(config=None)
     num_blocks = sum(math.ceil((c + n) / block_size) for c, n in zip(contexts, new_tokens)) + 3
     # Unused slots hold large garbage (finite, as in a zero-filled cache reused by other requests):
@@ -69,7 +76,7 @@ def run_case(
         queries.append(q)
         keys.append(k[context:])
         values.append(v[context:])
-        expected.append(dense_attention(q, k, v, context, window, layer.scale))
+        expected.append(dense_attention(q, k, v, context, window, layer.scale, soft_cap))
 
     layout = build_batch_layout(seqs, block_size, "cpu")
     metadata = backend.build_metadata(layout)
@@ -91,6 +98,7 @@ def test_random_batches_match_dense_attention(seed: int) -> None:
         num_kv_heads=rng.choice([1, 2, 4]),
         block_size=rng.choice([1, 4, 8, 16]),
         window=rng.choice([None, None, rng.randint(1, 10)]),
+        soft_cap=rng.choice([None, None, 0.5, 2.0]),
     )
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
@@ -105,13 +113,17 @@ def test_random_batches_match_dense_attention(seed: int) -> None:
     ],
 )
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (3, None), (None, 1.0), (3, 1.0)])
 def test_batch_shapes_match_dense_attention(
-    name: str, contexts: list[int], new_tokens: list[int], num_kv_heads: int, window: int | None
-) -> None:
+    name: str, contexts: list[int], new_tokens: list[int], num_kv_heads: int, window: int | None,
+    soft_cap: float | None,
+) -> None:  # fmt: skip
     torch.manual_seed(0)
-    out, expected = run_case(random.Random(name), contexts, new_tokens, num_kv_heads, 4, window)
+    out, expected = run_case(random.Random(name), contexts, new_tokens, num_kv_heads, 4, window, soft_cap=soft_cap)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    if soft_cap is not None:  # the cap must change the result, or the comparison proves nothing
+        uncapped, _ = run_case(random.Random(name), contexts, new_tokens, num_kv_heads, 4, window)
+        assert (uncapped - out).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -113,7 +113,7 @@ def run_triton(batch: Batch, layer: Any, block_size: int, num_splits: int | None
         paged_attention.paged_attention(
             out, query, cache[0], cache[1], layout.block_tables, layout.query_start_loc, layout.seq_lens,
             layout.max_query_len, layer.scale, layer.sliding_window, kv_scale,
-            num_splits, partials if num_splits > 1 else None,
+            num_splits, partials if num_splits > 1 else None, layer.logits_soft_cap,
         )  # fmt: skip
         if num_splits > 1:
             split_kv.reduce_splits(out, *partials)
@@ -132,6 +132,7 @@ def case_attention(
     fp8_scales: tuple[float, float] | None = None,
     num_kv_heads: int = NUM_KV_HEADS,
     seed: int = 0,
+    soft_cap: float | None = None,
 ) -> dict[str, Any]:
     """One step through Triton and through torch_ref (float32, same inputs): relative error and
     whether both stored the same K/V."""
@@ -142,7 +143,9 @@ def case_attention(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     num_heads = num_kv_heads * group
     batch = make_batch(shape, num_heads, num_kv_heads, head_size, block_size, DTYPES[dtype], fp8_scales, seed)
-    layer = Attention(num_heads, head_size, head_size**-0.5, num_kv_heads, sliding_window=window)
+    layer = Attention(
+        num_heads, head_size, head_size**-0.5, num_kv_heads, sliding_window=window, logits_soft_cap=soft_cap
+    )
     if fp8_scales is not None:
         layer.kv_scale = torch.tensor(fp8_scales, dtype=torch.float32, device=device)
     # Before Triton stores into batch.cache. The Triton kernels must never read the unused (NaN)
@@ -170,10 +173,15 @@ def case_attention(
     if fp8_scales is None:  # torch_ref stored float32 copies of the same values
         result["cache_equal"] = torch.equal(batch.cache.float().nan_to_num(0.0), reference_cache)
     if window is not None:  # the window must matter in this batch, or the test proves nothing
-        full = Attention(num_heads, head_size, layer.scale, num_kv_heads)
+        full = Attention(num_heads, head_size, layer.scale, num_kv_heads, logits_soft_cap=soft_cap)
         unwindowed = reference.forward(full, batch.query.float(), ref_key, ref_value, reference_cache,
                                        reference.build_metadata(layout))  # fmt: skip
         result["window_effect"] = (unwindowed - expected_out).abs().max().item()
+    if soft_cap is not None:  # likewise the cap
+        uncapped = Attention(num_heads, head_size, layer.scale, num_kv_heads, sliding_window=window)
+        plain = reference.forward(uncapped, batch.query.float(), ref_key, ref_value, reference_cache,
+                                  reference.build_metadata(layout))  # fmt: skip
+        result["cap_effect"] = (plain - expected_out).abs().max().item()
     diff = (out.float() - expected_out).abs().max().item()
     result["max_abs_err"] = diff
     result["rel_err"] = diff / expected_out.abs().max().item()
@@ -210,6 +218,15 @@ def test_batch_shapes(worker: KernelWorker, shape: str, group: int, dtype: str) 
 @pytest.mark.parametrize("shape", ["mixed", "decode"])
 def test_sliding_window(worker: KernelWorker, shape: str, window: int, dtype: str) -> None:
     assert check(worker, dtype, shape=shape, group=4, window=window)["window_effect"] > 0.1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "window", "num_splits"),
+    [("float32", "mixed", None, None), ("float16", "decode", 8, None), ("float32", "long-decode", None, 3)],
+)
+def test_soft_cap(worker: KernelWorker, dtype: str, shape: str, window: int | None, num_splits: int | None) -> None:
+    result = check(worker, dtype, shape=shape, group=4, window=window, soft_cap=1.5, num_splits=num_splits)
+    assert result["cap_effect"] > 0.05
 
 
 @pytest.mark.parametrize("head_size", [80, 96, 128, 256])

@@ -26,7 +26,7 @@ from pagedserve.core.layers.quantization import (
     get_quantization_config,
     quant_config_from_files,
 )
-from pagedserve.core.layers.rotary import rope_parameters_from_config
+from pagedserve.core.layers.rotary import rope_max_len, rope_parameters_from_config
 from pagedserve.core.plugins import get_plugin_manager
 
 #: What a hub download fetches: configs, tokenizer files and safetensors weights, nothing else.
@@ -105,13 +105,7 @@ def get_model_max_len(hf_config: Any) -> int:
     lengths = [v for key in MAX_LEN_KEYS if isinstance(v := getattr(hf_config, key, None), int)]
     max_len = min(lengths, default=DEFAULT_MAX_LEN)
     _, scaling = rope_parameters_from_config(hf_config)
-    if scaling is not None:
-        rope_type = scaling.get("rope_type") or scaling.get("type")
-        if rope_type in ("linear", "dynamic"):
-            max_len = int(max_len * scaling["factor"])
-        elif rope_type == "yarn":
-            original = scaling.get("original_max_position_embeddings", max_len)
-            max_len = int(original * scaling["factor"])
+    max_len = rope_max_len(max_len, scaling)
     return max_len
 
 

@@ -66,7 +66,8 @@ class AttentionBackend(ABC):
 
         Returns [T, H, D]. Causal within each request's new tokens, over its cached context,
         limited to ``layer.sliding_window`` keys when set (a query at position p sees keys at
-        positions p - sliding_window + 1 .. p).
+        positions p - sliding_window + 1 .. p). With ``layer.logits_soft_cap`` = c the scaled
+        scores s become ``c * tanh(s / c)`` before the softmax (Gemma 2).
         """
 
 
@@ -86,16 +87,23 @@ class Attention(nn.Module):
         num_kv_heads: int,
         sliding_window: int | None = None,
         layer_index: int = 0,
+        logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1 (or None for full attention), got {sliding_window}")
+        if logits_soft_cap is not None and logits_soft_cap <= 0:
+            raise ValueError(f"logits_soft_cap must be positive (or None), got {logits_soft_cap}")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.sliding_window = sliding_window
         self.layer_index = layer_index
+        #: ``c`` of ``c * tanh(scores / c)`` applied to the scaled scores (None: no capping).
+        self.logits_soft_cap = logits_soft_cap
         #: Bound by the model runner once the cache is allocated; ``kv_scale`` (float32 [2], the K
         #: and V scales) only for an fp8 cache.
         self.kv_cache: torch.Tensor | None = None

@@ -10,15 +10,20 @@ from pagedserve.core.layers.linear import default_weight_loader
 
 
 class VocabEmbedding(nn.Module):
-    """Token ids [T] -> embeddings [T, hidden]."""
+    """Token ids [T] -> embeddings [T, hidden], times ``scale`` when set (Gemma: sqrt(hidden),
+    rounded to the weight dtype first, as HF does)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, vocab_size: int, hidden_size: int, scale: float | None = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.scale = scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        embeddings = F.embedding(input_ids, self.weight)
+        if self.scale is not None:
+            embeddings = embeddings * torch.tensor(self.scale, dtype=embeddings.dtype)
+        return embeddings
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight)
@@ -29,13 +34,19 @@ class LMHead(nn.Module):
 
     With ``tied_to`` the head reuses that embedding's parameter (``tie_word_embeddings``), so it
     owns no weight of its own and the checkpoint's ``lm_head.weight``, if any, is not needed.
+    With ``soft_cap`` c the logits are ``c * tanh(logits / c)`` (Gemma 2's final soft-capping).
     """
 
     def __init__(
-        self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        tied_to: VocabEmbedding | None = None,
+        soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.soft_cap = soft_cap
         self.tied = tied_to is not None
         if tied_to is not None:
             self.weight = tied_to.weight
@@ -43,7 +54,10 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight).float()
+        logits = F.linear(hidden_states, self.weight).float()
+        if self.soft_cap is not None:
+            logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
+        return logits
 
     def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
         default_weight_loader(param, loaded_weight)

@@ -90,6 +90,27 @@ class Linear(nn.Module):
             size //= param.pack_factor
         default_weight_loader(param.data.narrow(output_dim, offset, size), loaded_weight)
 
+    def load_fused(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
+        """Load a checkpoint tensor that holds every shard already concatenated (Phi-3 stores
+        ``qkv_proj`` and ``gate_up_proj`` so), cut along ``output_dim`` and loaded shard by
+        shard, so each format's per-shard handling applies. A parameter not split along the output
+        features (a scale, an index) gets the whole tensor for every shard."""
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:
+            for shard in range(self.num_shards):
+                self.weight_loader(param, loaded_weight, shard)
+            return
+        sizes = list(self.output_sizes)
+        if getattr(param, "packed_dim", None) == output_dim:
+            sizes = [size // param.pack_factor for size in sizes]
+        if loaded_weight.dim() <= output_dim or loaded_weight.shape[output_dim] != sum(sizes):
+            raise ValueError(
+                f"{self.prefix}: a fused checkpoint tensor of shape {tuple(loaded_weight.shape)} does "
+                f"not hold the shards {sizes} along dimension {output_dim}"
+            )
+        for shard, piece in enumerate(loaded_weight.split(sizes, dim=output_dim)):
+            self.weight_loader(param, piece, shard)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias)
         if self.lora_adapter is not None:

@@ -6,7 +6,7 @@ the frequencies per forward from the longest position in the batch, so a token's
 on what it is batched with and on how long its sequence has grown. A paged cache needs each
 token's K to stay valid once written, so (like vLLM) we fix the scaling at the maximum length
 ``max_position * factor``: equal to HF when HF sees a sequence of that length, different (more
-stretched) for shorter ones.
+stretched) for shorter ones. ``longrope`` is fixed the same way (see ``get_rope``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+#: Older names of the same rope types.
+ROPE_TYPE_ALIASES = {"su": "longrope"}
+#: Types whose parameters include the pretraining context length.
+NEEDS_ORIGINAL_LENGTH = ("llama3", "yarn", "longrope", "su")
 
 
 class RotaryEmbedding(nn.Module):
@@ -67,13 +71,44 @@ class RotaryEmbedding(nn.Module):
 def rope_parameters_from_config(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, rope_scaling or None)`` from a config in either layout: transformers 5's
     ``rope_parameters`` (theta and type in one dict) or the older ``rope_theta`` + ``rope_scaling``.
+
+    ``original_max_position_embeddings`` kept beside the scaling (Phi-3 does) is moved into it.
     """
     params = dict(
         getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     )
     theta = params.pop("rope_theta", None) or getattr(hf_config, "rope_theta", None) or 10000.0
+    params.pop("partial_rotary_factor", None)
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    return float(theta), None if rope_type == "default" else params
+    if rope_type == "default":
+        return float(theta), None
+    original = getattr(hf_config, "original_max_position_embeddings", None)
+    if rope_type in NEEDS_ORIGINAL_LENGTH and "original_max_position_embeddings" not in params and original:
+        params["original_max_position_embeddings"] = original
+    return float(theta), params
+
+
+def rotary_dim_from_config(hf_config: Any, head_size: int) -> int:
+    """The rotated part of each head: ``head_size * partial_rotary_factor`` (1 when unset), the
+    factor read from ``rope_parameters`` (transformers 5) or the config itself (older)."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor") or getattr(hf_config, "partial_rotary_factor", None) or 1.0
+    return int(head_size * factor)
+
+
+def rope_max_len(max_position: int, rope_scaling: dict[str, Any] | None) -> int:
+    """Positions the cos/sin cache covers: ``linear``/``dynamic`` stretch ``max_position`` by their
+    factor, ``yarn`` reaches ``original_max_position_embeddings * factor``; ``llama3`` and
+    ``longrope`` configs already state the extended ``max_position``."""
+    scaling = rope_scaling or {}
+    rope_type = ROPE_TYPE_ALIASES.get(scaling.get("rope_type") or scaling.get("type"), None)
+    rope_type = rope_type or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type in ("linear", "dynamic"):
+        return int(max_position * scaling["factor"])
+    if rope_type == "yarn" and scaling.get("factor"):
+        original = scaling.get("original_max_position_embeddings", max_position)
+        return max(max_position, int(original * scaling["factor"]))
+    return max_position
 
 
 def get_rope(
@@ -86,12 +121,17 @@ def get_rope(
     """Build the rotary embedding for ``rope_scaling`` (None = default; else a dict with
     ``rope_type`` (or legacy ``type``) and that type's parameters as HF configs spell them).
 
-    ``linear`` and ``dynamic`` extend the context to ``max_position * factor`` positions;
-    ``llama3`` configs already state the extended ``max_position``.
+    ``longrope`` (Phi-3; legacy name ``su``) has a short and a long set of factors, and HF switches
+    between them per forward by the longest sequence in the batch (short up to
+    ``original_max_position_embeddings``). As with ``dynamic``, a paged cache cannot let a
+    token's rotation depend on its batch, so the set is fixed by the context the cache serves:
+    the long factors when ``max_position`` exceeds the original length (equal to HF for sequences
+    longer than it), else the short ones.
     """
     scaling = dict(rope_scaling or {})
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
+    rope_type = ROPE_TYPE_ALIASES.get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
             f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
@@ -100,10 +140,10 @@ def get_rope(
         exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
         inv_freq = 1.0 / (rope_theta**exponents)
         return RotaryEmbedding(head_size, rotary_dim, inv_freq, max_position)
+    if rope_type in NEEDS_ORIGINAL_LENGTH:
+        scaling.setdefault("original_max_position_embeddings", max_position)
 
-    max_len = max_position
-    if rope_type in ("linear", "dynamic"):
-        max_len = int(max_position * scaling["factor"])
+    max_len = rope_max_len(max_position, {**scaling, "rope_type": rope_type})
     # The HF init functions read a config; this one describes just the rotated part of a head.
     rope_config = PretrainedConfig(
         head_dim=rotary_dim,
@@ -112,6 +152,6 @@ def get_rope(
         max_position_embeddings=max_position,
         rope_parameters={**scaling, "rope_type": rope_type, "rope_theta": rope_theta},
     )
-    seq_len = max_len if rope_type == "dynamic" else None
+    seq_len = max_len if rope_type in ("dynamic", "longrope") else None
     inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](rope_config, None, seq_len=seq_len)
     return RotaryEmbedding(head_size, rotary_dim, inv_freq, max_len, attention_scaling)

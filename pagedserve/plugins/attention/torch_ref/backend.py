@@ -223,7 +223,11 @@ def _attend(
     """SDPA over [N, H, Lq, D] queries and [N, Hkv, Lk, D] keys/values (SDPA's own GQA/MQA
     grouping, no copies of the KV heads); no mask means causal over equal query and key lengths.
     Half-precision inputs go in as they are: SDPA accumulates them in fp32 itself (upcasting
-    first gave the same results, and was three times slower in bf16 on the CPU)."""
+    first gave the same results, and was three times slower in bf16 on the CPU).
+
+    SDPA cannot cap scores, so a layer with ``logits_soft_cap`` takes ``_soft_capped``."""
+    if layer.logits_soft_cap is not None:
+        return _soft_capped(layer, query, key, value, mask)
     return F.scaled_dot_product_attention(
         query,
         key,
@@ -233,3 +237,28 @@ def _attend(
         scale=layer.scale,
         enable_gqa=layer.num_heads != layer.num_kv_heads,
     )
+
+
+def _soft_capped(
+    layer: Attention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """``_attend`` with the scaled scores capped to ``c * tanh(s / c)``, in float32. The query
+    heads sharing a KV head are folded into the query axis, so the KV heads are not copied."""
+    n, num_heads, query_len, head_size = query.shape
+    num_kv_heads, key_len = key.shape[1], key.shape[2]
+    group = num_heads // num_kv_heads
+    q = query.float().reshape(n, num_kv_heads, group * query_len, head_size)
+    scores = (q @ key.float().transpose(-1, -2)) * layer.scale
+    cap = layer.logits_soft_cap
+    scores = (torch.tanh(scores / cap) * cap).view(n, num_kv_heads, group, query_len, key_len)
+    if mask is None:
+        mask = torch.ones(query_len, key_len, dtype=torch.bool, device=query.device).tril()
+    elif mask.dim() == 4:  # [N, 1, Lq, Lk] -> [N, 1, 1, Lq, Lk]
+        mask = mask.unsqueeze(2)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    out = probs.view(n, num_kv_heads, group * query_len, key_len) @ value.float()
+    return out.view(n, num_heads, query_len, head_size).to(query.dtype)

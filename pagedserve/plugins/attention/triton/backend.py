@@ -179,6 +179,7 @@ class TritonBackend(AttentionBackend):
             kv_scale,
             splits,
             partials,
+            layer.logits_soft_cap,
         )
         if partials is not None:
             self._split_kv.reduce_splits(out, *partials)

@@ -7,7 +7,8 @@ the whole group. It walks the request's keys in tiles of ``TILE_N`` tokens, look
 token's block in the block table (so tiles need not align with pages), with an online softmax
 in float32. Queries sit at absolute positions ``context_len + i``, so the causal mask and the
 sliding window (keys ``p - window + 1 .. p``) are position comparisons, and tiles outside the
-window are never loaded.
+window are never loaded. Soft-capped scores (``c * tanh(s / c)``, Gemma 2) are capped per tile
+before the online softmax.
 
 Requests are found without host work: request ``r``'s query blocks are numbered from
 ``query_start_loc[r] // BLOCK_Q + r``, which a program inverts by binary search, so the grid
@@ -53,12 +54,12 @@ def _paged_attention_kernel(
     out_ptr, query_ptr, key_cache_ptr, value_cache_ptr, kv_scale_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
     part_acc_ptr, part_max_ptr, part_sum_ptr,
-    scale_log2, num_reqs, num_heads, sliding_window, num_splits,
+    scale_log2, soft_cap_log2, num_reqs, num_heads, sliding_window, num_splits,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_kc_b, stride_kc_t, stride_kc_h, stride_vc_b, stride_vc_t, stride_vc_h, stride_bt,
     HEAD_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, PAGE: tl.constexpr,
-    SPLIT_KV: tl.constexpr, USE_WINDOW: tl.constexpr, KV_FP8: tl.constexpr,
+    SPLIT_KV: tl.constexpr, USE_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr, KV_FP8: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     q_block = tl.program_id(0)
@@ -123,6 +124,8 @@ def _paged_attention_kernel(
             v = v.to(tl.float32)
 
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, TILE_N], log2 units
+        if SOFT_CAP:  # c * tanh(s / c) in log2 units (soft_cap_log2 = c * log2 e); tanh from exp
+            s = soft_cap_log2 * (1.0 - 2.0 / (tl.exp(s * (2.0 / soft_cap_log2)) + 1.0))
         visible = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (keys[None, :] > q_pos[:, None] - sliding_window)
@@ -192,12 +195,14 @@ def paged_attention(
     kv_scale: torch.Tensor | None = None,
     num_splits: int = 1,
     partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    soft_cap: float | None = None,
 ) -> LaunchConfig:
     """Attend ``query`` [T, H, D] over the caches [num_blocks, block_size, Hkv, D] into ``out``.
 
     With ``num_splits > 1``, ``partials`` are float32 ``(acc [T, H, S, D], max [T, H, S],
     sum [T, H, S])`` that receive the per-split results; the caller then runs
-    ``split_kv.reduce_splits``. Returns the launch configuration used.
+    ``split_kv.reduce_splits``. ``soft_cap`` c caps the scaled scores to ``c * tanh(s / c)``.
+    Returns the launch configuration used.
     """
     num_tokens, num_heads, head_size = query.shape
     num_reqs = seq_lens.shape[0]
@@ -220,7 +225,7 @@ def paged_attention(
         out, query, key_cache, value_cache, kv_scale if fp8 else key_cache,
         block_tables, query_start_loc, seq_lens,
         part_acc, part_max, part_sum,
-        scale * LOG2E, num_reqs, num_heads, sliding_window or 0, num_splits,
+        scale * LOG2E, (soft_cap or 1.0) * LOG2E, num_reqs, num_heads, sliding_window or 0, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2), block_tables.stride(0),
@@ -233,6 +238,7 @@ def paged_attention(
         PAGE=key_cache.shape[1],
         SPLIT_KV=num_splits > 1,
         USE_WINDOW=sliding_window is not None,
+        SOFT_CAP=soft_cap is not None,
         KV_FP8=fp8,
         UPCAST=query.dtype == torch.bfloat16 and interpreting(),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
