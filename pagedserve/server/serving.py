@@ -226,22 +226,36 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Respo
     return task.result()
 
 
-def event_stream(stream: RequestStream, chunks: AsyncIterator[BaseModel]) -> EventSourceResponse:
+def event_stream(
+    stream: RequestStream, chunks: AsyncIterator[BaseModel], typed_events: bool = False
+) -> EventSourceResponse:
     """Send ``chunks`` as Server-Sent Events, then ``[DONE]``; an error after the response has
-    started becomes an error event. The stream's requests are aborted when the client leaves."""
+    started becomes an error event. The stream's requests are aborted when the client leaves.
+    With ``typed_events`` (the Responses API) each event is named by its chunk's ``type`` and
+    no ``[DONE]`` follows."""
+
+    def format_chunk(chunk: BaseModel) -> bytes:
+        name = getattr(chunk, "type", None) if typed_events else None
+        return format_sse_event(event=name, data_str=chunk.model_dump_json())
+
+    def format_error(status: int, message: str) -> bytes:
+        return format_sse_event(
+            event="error" if typed_events else None, data_str=error_body(status, message).model_dump_json()
+        )
 
     async def events() -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                yield format_sse_event(data_str=chunk.model_dump_json())
+                yield format_chunk(chunk)
         except EngineDeadError as exc:
-            yield format_sse_event(data_str=error_body(503, str(exc)).model_dump_json())
+            yield format_error(503, str(exc))
         except Exception:
             logger.exception("a streamed response failed")
-            yield format_sse_event(data_str=error_body(500, "internal server error").model_dump_json())
+            yield format_error(500, "internal server error")
         finally:
             stream.abort()
-        yield SSE_DONE
+        if not typed_events:
+            yield SSE_DONE
 
     # The background abort covers a client gone before the first event, when Starlette never
     # starts ``events()``.

@@ -1,0 +1,168 @@
+"""``/v1/responses`` through the openai SDK (``responses.create`` and ``responses.stream``, sync
+and async) on the shared test server, compared with the offline ``LLM.chat`` of the same
+conversation; the store, ``store: false`` and ``previous_response_id``."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import openai
+import pytest
+from server_process import API_KEY, ENGINE_ARGS, Server, shared_server
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.server.responses import ResponseStore, StoredResponse
+from pagedserve.server.responses_protocol import ResponseObject
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You write Python."
+GREEDY = {"temperature": 0.0, "max_output_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model) -> Path:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    return shared_server(request.config, model_dir, tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir: Path) -> LLM:
+    return LLM(str(model_dir), **ENGINE_ARGS)
+
+
+def offline(llm: LLM, messages: list[dict]) -> tuple[str, int, int, str]:
+    """Text, prompt and output token counts and finish reason of the offline greedy chat."""
+    (output,) = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    completion = output.outputs[0]
+    return completion.text, len(output.prompt_token_ids), len(completion.token_ids), completion.finish_reason
+
+
+def test_create_equals_offline_chat_and_is_stored(client, llm, model_dir) -> None:
+    response = client.responses.create(model=str(model_dir), input="Sort a list.", instructions=SYSTEM, **GREEDY)
+    text, prompt_tokens, output_tokens, finish = offline(
+        llm, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Sort a list."}]
+    )
+    assert response.output_text == text and response.object == "response"
+    assert response.id.startswith("resp_") and response.output[0].role == "assistant"
+    assert response.usage.input_tokens == prompt_tokens and response.usage.output_tokens == output_tokens
+    assert response.usage.total_tokens == prompt_tokens + output_tokens
+    assert response.status == ("incomplete" if finish == "length" else "completed")
+    if finish == "length":
+        assert response.incomplete_details.reason == "max_output_tokens"
+    stored = client.responses.retrieve(response.id)
+    assert stored.output_text == text and stored.usage == response.usage and stored.instructions == SYSTEM
+
+
+def test_message_items_and_previous_response_id_continue_the_conversation(client, llm) -> None:
+    first = client.responses.create(
+        input=[
+            {"role": "developer", "content": SYSTEM},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Sort a list."}]},
+        ],
+        **GREEDY,
+    )
+    second = client.responses.create(input="Now reverse it.", previous_response_id=first.id, **GREEDY)
+    conversation = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Sort a list."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "Now reverse it."},
+    ]
+    assert first.output_text == offline(llm, conversation[:2])[0]
+    assert second.output_text == offline(llm, conversation)[0]
+    assert second.previous_response_id == first.id
+
+
+def test_store_false_keeps_nothing(client) -> None:
+    response = client.responses.create(input="Sort a list.", store=False, **GREEDY)
+    assert response.store is False
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError, match="Previous response"):
+        client.responses.create(input="more", previous_response_id=response.id, **GREEDY)
+
+
+EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def check_events(events: list, final, whole: str) -> None:
+    kinds = [event.type for event in events]
+    assert [kind for kind in kinds if kind != "response.output_text.delta"] == EVENTS
+    assert kinds.count("response.output_text.delta") >= 1
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == whole == final.output_text
+    assert final.usage.output_tokens >= 1 and events[-1].response.id == final.id
+
+
+def test_sync_stream_equals_the_whole_response(client, model_dir) -> None:
+    whole = client.responses.create(input="Sort a list.", instructions=SYSTEM, **GREEDY).output_text
+    with client.responses.stream(model=str(model_dir), input="Sort a list.", instructions=SYSTEM, **GREEDY) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    check_events(events, final, whole)
+    raw = list(client.responses.create(input="Sort a list.", instructions=SYSTEM, stream=True, **GREEDY))
+    check_events(raw, raw[-1].response, whole)
+    assert client.responses.retrieve(final.id).output_text == whole
+
+
+def test_async_create_and_stream(server, model_dir) -> None:
+    async def run() -> None:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        whole = (await client.responses.create(input="Sort a list.", **GREEDY)).output_text
+        async with client.responses.stream(model=str(model_dir), input="Sort a list.", **GREEDY) as stream:
+            events = [event async for event in stream]
+            final = await stream.get_final_response()
+        check_events(events, final, whole)
+        raw = [event async for event in await client.responses.create(input="Sort a list.", stream=True, **GREEDY)]
+        check_events(raw, raw[-1].response, whole)
+        await client.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "words"),
+    [
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tools are not supported"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}},
+            "text.format",
+            "'json_schema' is not supported",
+        ),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "only text"),
+        ({"input": []}, "input", "input is empty"),
+    ],
+    ids=["tools", "json_schema", "image", "empty"],
+)
+def test_what_is_not_supported_is_a_clear_400(client, fields, param, words) -> None:
+    with pytest.raises(openai.BadRequestError, match=words) as caught:
+        client.responses.create(**{"input": "x", **GREEDY, **fields})
+    assert caught.value.body["param"] == param
+
+
+def test_the_store_is_bounded() -> None:
+    store = ResponseStore(capacity=2)
+    for name in ("a", "b", "c"):
+        store.put(StoredResponse(ResponseObject(id=name, status="completed", model="m"), []))
+    assert len(store) == 2 and store.get("a") is None and store.get("c") is not None
