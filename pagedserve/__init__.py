@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 from pagedserve.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__"]
 
 if TYPE_CHECKING:
     from pagedserve.core.llm import LLM
+    from pagedserve.core.lora import LoRARequest
     from pagedserve.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 
@@ -23,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from pagedserve.core.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from pagedserve.core.lora import LoRARequest
+
+        return LoRARequest
     if name in ("SamplingParams", "StructuredOutputsParams"):
         from pagedserve.core import sampling_params
 

@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-from pagedserve.core.forward_context import build_batch_layout
+from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.core.layers.linear import Linear
 from pagedserve.core.layers.norm import RMSNorm
@@ -257,13 +257,24 @@ def test_merged_linear_loads_each_shard_into_place() -> None:
         layer.weight_loader(layer.weight, weights[1], 3)
 
 
-def test_lora_slot_sees_the_input_and_the_base_output() -> None:
+def test_lora_slot_sees_the_input_the_base_output_and_the_step_mapping() -> None:
     layer = Linear(4, 3)
     layer.weight_loader(layer.weight, torch.randn(3, 4))
     x = torch.randn(2, 4)
     base = layer(x)
-    layer.lora_adapter = lambda inputs, out: out + inputs.sum(-1, keepdim=True)
-    torch.testing.assert_close(layer(x), base + x.sum(-1, keepdim=True))
+    seen = []
+    def adapter(inputs, out, mapping):
+        seen.append(mapping)
+        return out + inputs.sum(-1, keepdim=True)
+    layer.lora_adapter = adapter
+    # Outside a forward context, or in a step without adapters, the slot costs nothing.
+    torch.testing.assert_close(layer(x), base)
+    with set_forward_context(None, None):
+        torch.testing.assert_close(layer(x), base)
+    assert seen == []
+    with set_forward_context(None, None, lora_mapping="the mapping"):
+        torch.testing.assert_close(layer(x), base + x.sum(-1, keepdim=True))
+    assert seen == ["the mapping"]
 
 
 class PackedLinearMethod(LinearMethod):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from pagedserve.core.config import EngineConfig
 from pagedserve.core.engine import LLMEngine, PromptType
+from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.core.sampling_params import SamplingParams
@@ -93,6 +94,7 @@ class _Add:
     stream: RequestStream
     prompts: list[PromptType]
     params: SamplingParams
+    lora_request: LoRARequest | None = None
 
 
 @dataclass
@@ -150,13 +152,17 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"the engine loop is not running{reason}")
 
     async def add_requests(
-        self, request_ids: list[str], prompts: list[PromptType], params: SamplingParams
+        self,
+        request_ids: list[str],
+        prompts: list[PromptType],
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Add one request per prompt, all or none: ValueError (nothing added) when the engine
         refuses one. Returns their stream; abort it if the caller stops reading early."""
         self.check_alive()
         stream = RequestStream(self, request_ids)
-        self._submit(_Add(stream, prompts, params))
+        self._submit(_Add(stream, prompts, params, lora_request))
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -229,7 +235,7 @@ class AsyncLLMEngine:
         added: list[str] = []
         try:
             for request_id, prompt in zip(command.stream.request_ids, command.prompts):
-                self.engine.add_request(request_id, prompt, command.params)
+                self.engine.add_request(request_id, prompt, command.params, lora_request=command.lora_request)
                 added.append(request_id)
         except Exception as exc:
             self.engine.abort_request(added)

@@ -122,6 +122,32 @@ class ParallelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving (vLLM's names): up to ``max_loras`` adapters share a step, each of
+    rank at most ``max_lora_rank``; ``max_cpu_loras`` loaded adapters are kept in memory."""
+
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    #: None: as many as ``max_loras``.
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise ConfigError(f"enable_lora must be true or false, got {self.enable_lora!r}")
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        _positive("max_cpu_loras", self.max_cpu_loras, allow_none=True)
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                f"({self.max_loras}): every adapter in a slot is also kept in memory"
+            )
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs, in one object."""
 
@@ -130,6 +156,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     attention_backend: str | None = None
     sampler: str = "default"
     quantization: str | None = None
@@ -137,6 +164,13 @@ class EngineConfig:
     #: fused kernels a step, at the cost of compiling at start-up. Off by default, unlike vLLM,
     #: because on a small CPU the compile time outweighs short runs.
     torch_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lora.enable_lora and self.torch_compile:
+            raise ConfigError(
+                "enable_lora does not work with torch_compile yet (the LoRA slots change between "
+                "steps); drop one of them"
+            )
 
     def finalize(self, model_max_len: int) -> None:
         """Settle the settings that depend on the model (called once the HF config is read)."""
@@ -180,6 +214,10 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "device": ("device", "device"),
     "model_runner": ("device", "model_runner"),
     "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
+    "enable_lora": ("lora", "enable_lora"),
+    "max_loras": ("lora", "max_loras"),
+    "max_lora_rank": ("lora", "max_lora_rank"),
+    "max_cpu_loras": ("lora", "max_cpu_loras"),
     "attention_backend": (None, "attention_backend"),
     "sampler": (None, "sampler"),
     "quantization": (None, "quantization"),
@@ -189,7 +227,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
 
 def engine_config_from_args(model: str, **kwargs: Any) -> EngineConfig:
     """Build an EngineConfig from vLLM's flat argument names (``LLM(...)``, the CLI flags)."""
-    parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "device": {}, "parallel": {}}
+    parts: dict[str, dict[str, Any]] = {"model": {}, "cache": {}, "scheduler": {}, "device": {}, "parallel": {}, "lora": {}}
     top: dict[str, Any] = {}
     for name, value in kwargs.items():
         if name not in _FLAT_ARGS:
@@ -208,5 +246,6 @@ def engine_config_from_args(model: str, **kwargs: Any) -> EngineConfig:
         scheduler=SchedulerConfig(**parts["scheduler"]),
         device=DeviceConfig(**parts["device"]),
         parallel=ParallelConfig(**parts["parallel"]),
+        lora=LoRAConfig(**parts["lora"]),
         **top,
     )

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.core.config import EngineConfig
+from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.kv_cache import KVCacheManager
+from pagedserve.core.lora import LoRAManagerBase, LoRARequest
 from pagedserve.core.loader import get_model_max_len, load_generation_config, load_hf_config, resolve_model_path
 from pagedserve.core.outputs import CompletionOutput, RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
@@ -56,6 +57,9 @@ class StepStats:
     time_to_first_tokens: list[float] = field(default_factory=list)
     #: Per sequence that got a later token this step: seconds since its previous token.
     inter_token_latencies: list[float] = field(default_factory=list)
+    #: LoRA adapters (names) of the running requests, and those only waiting requests ask for.
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -102,10 +106,21 @@ class LLMEngine:
             eviction_policy=self.plugins.registry("eviction_policies").load(cache.eviction_policy)(),
         )
         policy = self.plugins.registry("scheduling_policies").load(config.scheduler.policy)()
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, self.max_model_len)
+        max_loras = config.lora.max_loras if config.lora.enable_lora else None
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, self.max_model_len, max_loras)
         self._groups: dict[str, _Group] = {}
         self._log_capacity()
         self.plugins.hook.engine_started(engine=self)
+        if config.lora.enable_lora and self.lora_manager is None:
+            raise ConfigError(
+                "enable_lora is set but no LoRA plugin installed a manager on the model runner "
+                "(is the 'lora' plugin disabled?)"
+            )
+
+    @property
+    def lora_manager(self) -> LoRAManagerBase | None:
+        """The LoRA plugin's manager (set on the runner at ``engine_started``), or None."""
+        return getattr(self.runner, "lora_manager", None)
 
     def _select_runner(self) -> type:
         registry = self.plugins.registry("model_runners")
@@ -164,8 +179,11 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: Any = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """Queue a request; raises ValueError (and changes nothing) when it cannot be served."""
+        """Queue a request; raises ValueError (and changes nothing) when it cannot be served.
+
+        With ``lora_request`` the request runs with that adapter, loaded (and checked) now."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -180,6 +198,8 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
             )
+        if lora_request is not None:
+            self._check_lora(lora_request)
         params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids, stop=list(params.stop or []))
         sequences = [
             Request(
@@ -189,6 +209,7 @@ class LLMEngine:
                 arrival_time=arrival_time,
                 priority=priority,
                 cache_salt=cache_salt,
+                lora_request=lora_request,
                 parent_id=request_id,
                 index=i,
             )
@@ -205,6 +226,17 @@ class LLMEngine:
         self.scheduler.add_request(leader)
         detokenizers = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in sequences]
         self._groups[request_id] = _Group(text, token_ids, sequences, detokenizers, params)
+
+    def _check_lora(self, lora_request: LoRARequest) -> None:
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a LoRARequest, not {type(lora_request).__name__}")
+        manager = self.lora_manager
+        if manager is None:
+            raise ValueError(
+                f"request asks for LoRA adapter {lora_request.lora_name!r} but this engine was "
+                "started without enable_lora=True"
+            )
+        manager.add_adapter(lora_request)
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Abort requests in any state; their KV blocks are freed at once. Unknown ids are ignored."""
@@ -265,6 +297,7 @@ class LLMEngine:
                 del self._groups[request_id]
                 self.plugins.hook.request_finished(output=outputs[-1])
 
+        lora = self.scheduler.max_loras is not None
         self.plugins.hook.step_finished(
             stats=StepStats(
                 num_scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
@@ -281,6 +314,8 @@ class LLMEngine:
                 prefix_cache_hits=self.kv_cache.prefix_cache_hits - hits,
                 time_to_first_tokens=ttfts,
                 inter_token_latencies=itls,
+                running_lora_adapters=self.scheduler.running_lora_adapters if lora else [],
+                waiting_lora_adapters=self.scheduler.waiting_lora_adapters if lora else [],
             )
         )
         return outputs

@@ -44,16 +44,21 @@ class BatchLayout:
 class ForwardContext:
     backend: AttentionBackend
     attn_metadata: Any
+    #: The step's token -> LoRA slot mapping (the LoRA manager's object, read by ``Linear``'s
+    #: LoRA slot), or None when no token of the step has an adapter.
+    lora_mapping: Any = None
 
 
 _context: ForwardContext | None = None
 
 
 @contextlib.contextmanager
-def set_forward_context(backend: AttentionBackend, attn_metadata: Any) -> Iterator[None]:
+def set_forward_context(
+    backend: AttentionBackend, attn_metadata: Any, lora_mapping: Any = None
+) -> Iterator[None]:
     global _context
     previous = _context
-    _context = ForwardContext(backend, attn_metadata)
+    _context = ForwardContext(backend, attn_metadata, lora_mapping)
     try:
         yield
     finally:
@@ -64,6 +69,11 @@ def get_forward_context() -> ForwardContext:
     if _context is None:
         raise RuntimeError("attention ran outside set_forward_context(): call it from a model runner")
     return _context
+
+
+def get_lora_mapping() -> Any:
+    """The step's LoRA mapping; None outside a forward or when the step has no adapter."""
+    return None if _context is None else _context.lora_mapping
 
 
 def build_batch_layout(

@@ -199,7 +199,7 @@ class KVCacheManager:
         for index in range(len(hashes), num_full_blocks):
             parent = hashes[-1] if hashes else None
             block_tokens = tuple(tokens[index * size : (index + 1) * size])
-            hashes.append(self.hash_fn(parent, block_tokens, request.cache_salt))
+            hashes.append(self.hash_fn(parent, block_tokens, request.block_hash_extra_keys))
 
     # -- allocation ---------------------------------------------------------------------------
 

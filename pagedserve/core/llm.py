@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from pagedserve.core.config import engine_config_from_args
 from pagedserve.core.engine import LLMEngine, PromptType
+from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.tokenizer import apply_chat_template
@@ -38,11 +39,13 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order.
 
         A prompt is a string, ``{"prompt_token_ids": [...]}`` or ``{"prompt": "..."}``. A bad
-        prompt raises ValueError before anything runs.
+        prompt raises ValueError before anything runs. ``lora_request``: one adapter for every
+        prompt, or one (or None: the base model) per prompt.
         """
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
@@ -62,7 +65,15 @@ class LLM:
                 )
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
-        return self._run(prompts, params_list, use_tqdm, priority)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(
+                    f"got {len(loras)} LoRA requests for {len(prompts)} prompts; give one, or one per prompt"
+                )
+        return self._run(prompts, params_list, use_tqdm, priority, loras)
 
     def chat(
         self,
@@ -71,6 +82,7 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -85,7 +97,7 @@ class LLM:
             }
             for conversation in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def _run(
         self,
@@ -93,13 +105,16 @@ class LLM:
         params_list: list[SamplingParams],
         use_tqdm: bool,
         priority: Sequence[int] | None,
+        loras: list[LoRARequest | None],
     ) -> list[RequestOutput]:
         engine = self.engine
         order: dict[str, int] = {}
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 request_id = str(next(self._ids))
-                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                engine.add_request(
+                    request_id, prompt, params, priority=priority[i] if priority else 0, lora_request=loras[i]
+                )
                 order[request_id] = i
         except Exception:
             engine.abort_request(list(order))

@@ -20,6 +20,7 @@ from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention, AttentionBackend
 from pagedserve.core.loader import load_model
+from pagedserve.core.lora import LoRAManagerBase
 from pagedserve.core.plugins import PluginManager, Registry
 from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
 
@@ -51,6 +52,8 @@ class ModelRunnerBase(ABC):
 
     num_kv_blocks: int
     vocab_size: int
+    #: Installed by a LoRA plugin when the engine starts with ``enable_lora``.
+    lora_manager: LoRAManagerBase | None = None
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
@@ -233,8 +236,13 @@ class ModelRunner(ModelRunnerBase):
         layout = build_batch_layout(seqs, self.block_size, self.device)
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         metadata = self.backend.build_metadata(layout)
+        lora_mapping = None
+        if self.lora_manager is not None:
+            lora_mapping = self.lora_manager.prepare_step(
+                [item.request.lora_request for item in scheduled], layout.query_lens_list
+            )
         forward_start = time.perf_counter()
-        with set_forward_context(self.backend, metadata):
+        with set_forward_context(self.backend, metadata, lora_mapping):
             hidden = self.forward(input_ids, layout.positions)
         if sample_rows:
             rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

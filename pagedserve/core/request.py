@@ -7,6 +7,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from pagedserve.core.lora import LoRARequest
 from pagedserve.core.sampling_params import SamplingParams
 
 
@@ -48,14 +49,21 @@ class Request:
         cache_salt: Any = None,
         parent_id: str | None = None,
         index: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
-        #: Extra keys mixed into every block hash (LoRA adapter, tenant salt, ...).
+        #: A tenant salt mixed into every block hash.
         self.cache_salt = cache_salt
+        #: The adapter this sequence runs with (None: the base model).
+        self.lora_request = lora_request
+        #: Extra keys of every block hash: the salt, and the adapter if any.
+        self.block_hash_extra_keys: Any = (
+            cache_salt if lora_request is None else (cache_salt, lora_request.cache_key)
+        )
         #: The user-visible request this sequence belongs to, and its index among the n.
         self.parent_id = parent_id if parent_id is not None else request_id
         self.index = index

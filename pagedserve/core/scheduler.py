@@ -15,6 +15,11 @@ runs is waiting, the request running the most sequences gives up its most recent
 ones (preempted, recomputed later mostly from the prefix cache) while it keeps more than one. So
 the sequences of one request never keep a newcomer waiting more than a step; only
 ``max_num_seqs`` distinct running requests make it queue.
+
+With LoRA, a step holds at most ``max_loras`` distinct adapters (the base model is none): a
+waiting request whose adapter would be one too many stays waiting, and so does every adapter
+request queued behind it, so the adapters in use drain and it gets its turn (none starves);
+base-model requests pass it.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ class Scheduler:
         kv_cache: KVCacheManager,
         policy: SchedulingPolicy,
         max_model_len: int,
+        max_loras: int | None = None,
     ) -> None:
         if config.max_num_batched_tokens is None:
             raise ValueError(
@@ -89,6 +95,9 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.policy = policy
         self.max_model_len = max_model_len
+        #: Distinct LoRA adapters a step may hold; None: LoRA is off (the engine refuses
+        #: requests with an adapter).
+        self.max_loras = max_loras
         self.waiting: list[Request] = []
         #: In the order the requests were (re)admitted, the latest last.
         self.running: list[Request] = []
@@ -199,6 +208,18 @@ class Scheduler:
         return len(self.waiting) + pending_siblings
 
     @property
+    def running_lora_adapters(self) -> list[str]:
+        """Names of the adapters of the running requests (those the slots hold)."""
+        return sorted(_adapter_ids(self.running).values())
+
+    @property
+    def waiting_lora_adapters(self) -> list[str]:
+        """Names of the adapters only waiting requests ask for."""
+        running = _adapter_ids(self.running)
+        waiting = _adapter_ids(self.waiting)
+        return sorted(name for lora_id, name in waiting.items() if lora_id not in running)
+
+    @property
     def prefix_cache_queries(self) -> int:
         """Tokens looked up in the prefix cache."""
         return self.kv_cache.prefix_cache_queries
@@ -301,8 +322,13 @@ class Scheduler:
             self.waiting[:0] = not_ready
 
     def _admit_ready(self, step: _StepBuilder, seats: int) -> None:
-        while self.waiting and step.budget > 0:
-            request = self.waiting[0]
+        adapters = _AdapterLimit(self.max_loras, self.running)
+        index = 0
+        while index < len(self.waiting) and step.budget > 0:
+            request = self.waiting[index]
+            if not adapters.admits(request):
+                index += 1
+                continue
             group_size = 1 + len(request.fork_children)
             if seats + group_size > self.config.max_num_seqs:
                 break
@@ -326,7 +352,7 @@ class Scheduler:
             seats += group_size
 
     def _start(self, request: Request, num_computed_tokens: int) -> None:
-        self.waiting.pop(0)
+        self.waiting.remove(request)
         if request.first_scheduled_time is None:
             request.num_cached_tokens = num_computed_tokens
         request.num_computed_tokens = num_computed_tokens
@@ -392,3 +418,36 @@ class Scheduler:
         if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
+
+
+def _adapter_ids(requests: list[Request]) -> dict[int, str]:
+    """LoRA adapter id -> name, over the requests that have one."""
+    return {r.lora_request.lora_int_id: r.lora_request.lora_name for r in requests if r.lora_request}
+
+
+class _AdapterLimit:
+    """One step's admission rule for LoRA adapters: at most ``max_loras`` distinct ones run.
+
+    Once a request is refused because its adapter would be one too many, every later adapter
+    request is refused in this step too (even of an adapter in use), so the running adapters
+    drain and the refused one is admitted within a bounded wait; base-model requests pass.
+    """
+
+    def __init__(self, max_loras: int | None, running: list[Request]) -> None:
+        self.max_loras = max_loras
+        self.active = set(_adapter_ids(running))
+        self.blocked = False
+
+    def admits(self, request: Request) -> bool:
+        lora = request.lora_request
+        if lora is None or self.max_loras is None:
+            return True
+        if self.blocked:
+            return False
+        if lora.lora_int_id in self.active:
+            return True
+        if len(self.active) >= self.max_loras:
+            self.blocked = True
+            return False
+        self.active.add(lora.lora_int_id)
+        return True

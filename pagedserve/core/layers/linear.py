@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from pagedserve.core.forward_context import get_lora_mapping
 from pagedserve.core.layers.quantization import (
     QuantizationConfig,
     UnquantizedLinearMethod,
@@ -57,8 +59,9 @@ class Linear(nn.Module):
             set_weight_attrs(self.bias, {"output_dim": 0})
         else:
             self.register_parameter("bias", None)
-        #: The LoRA slot: a callable ``(x, base_output) -> output`` set by the LoRA manager.
-        self.lora_adapter: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        #: The LoRA slot: a callable ``(x, base_output, lora_mapping) -> output`` set by the LoRA
+        #: manager, called only in steps whose forward context holds a mapping.
+        self.lora_adapter: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor] | None = None
 
     @property
     def num_shards(self) -> int:
@@ -114,7 +117,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quant_method.apply(self, x, self.bias)
         if self.lora_adapter is not None:
-            out = self.lora_adapter(x, out)
+            mapping = get_lora_mapping()
+            if mapping is not None:
+                out = self.lora_adapter(x, out, mapping)
         return out
 
     def extra_repr(self) -> str:
