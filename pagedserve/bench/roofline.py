@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pagedserve.core.kv_sizing import kv_bytes_per_block
+
 if TYPE_CHECKING:
     from pagedserve.core.model_runner import ModelRunner
 
@@ -31,23 +33,35 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 5
     return 2 * src.numel() * src.element_size() / min(times)
 
 
-def weight_bytes(runner: ModelRunner) -> int:
-    """Bytes of the model's parameters and buffers (a tied LM head counted once)."""
-    tensors = {id(t): t for t in (*runner.model.parameters(), *runner.model.buffers())}
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (a tied LM head counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def weight_bytes(runner: ModelRunner) -> int:
+    return model_weight_bytes(runner.model)
+
+
 def kv_bytes_per_token(runner: ModelRunner) -> int:
-    """Bytes of K and V one token holds across all layers."""
-    element = torch.empty((), dtype=runner.kv_cache_dtype).element_size()
-    return sum(2 * layer.num_kv_heads * layer.head_size * element for layer in runner.attention_layers)
+    """Bytes of K and V one token holds across all layers (the runner's block size of 1)."""
+    layers = [(layer.num_kv_heads, layer.head_size) for layer in runner.attention_layers]
+    return kv_bytes_per_block(layers, 1, runner.backend.kv_cache_shape, runner.kv_cache_dtype)
+
+
+def roofline_seconds(
+    num_steps: int, weight_bytes: int, kv_tokens_read: int, kv_bytes_per_token: int, bandwidth: float
+) -> float:
+    """The least time ``num_steps`` steps take if each reads every weight once and the K/V of
+    ``kv_tokens_read`` tokens in all (over the steps) at ``bandwidth`` bytes/s, and nothing else."""
+    return (num_steps * weight_bytes + kv_tokens_read * kv_bytes_per_token) / bandwidth
 
 
 def roofline(runner: ModelRunner, num_steps: int, kv_tokens_read: int, output_tokens: int) -> dict[str, float]:
     """The fastest the run could have been if each step only read its bytes at copy bandwidth."""
     bandwidth = copy_bandwidth(runner.device)
     weights, per_token = weight_bytes(runner), kv_bytes_per_token(runner)
-    seconds = (num_steps * weights + kv_tokens_read * per_token) / bandwidth
+    seconds = roofline_seconds(num_steps, weights, kv_tokens_read, per_token, bandwidth)
     return {
         "copy_bandwidth_gb_per_s": bandwidth / 1e9,
         "weight_bytes": weights,

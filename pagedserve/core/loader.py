@@ -180,6 +180,22 @@ def model_class(hf_config: Any) -> type[nn.Module]:
     return registry.load(name)
 
 
+def build_model(
+    hf_config: Any, quantization: str | None, dtype: str, device: str | torch.device, folder: str | None = None
+) -> nn.Module:
+    """The registered architecture built from ``hf_config`` on ``device``, weights not loaded
+    (on the ``meta`` device: every parameter's shape and dtype, no memory). ``folder`` is read
+    for the settings files of older quantization tools."""
+    cls = model_class(hf_config)
+    if folder is not None and checkpoint_quant_config(hf_config) is None:
+        side_file_settings = quant_config_from_files(folder, quantization)
+        if side_file_settings is not None:
+            hf_config.quantization_config = side_file_settings
+    quant_config = get_quantization_config(quantization, hf_config)
+    with default_dtype(resolve_dtype(dtype, hf_config, torch.device(device).type)), torch.device(device):
+        return cls(hf_config, quant_config)
+
+
 def load_model(model_config: ModelConfig, quantization: str | None, device: str) -> nn.Module:
     """Build the model named by ``model_config`` on ``device`` and load its weights.
 
@@ -191,15 +207,7 @@ def load_model(model_config: ModelConfig, quantization: str | None, device: str)
     if model_config.hf_config is None:
         model_config.hf_config = load_hf_config(model_config.model_path)
     path, hf_config = model_config.model_path, model_config.hf_config
-    cls = model_class(hf_config)
-    if checkpoint_quant_config(hf_config) is None:
-        side_file_settings = quant_config_from_files(path, quantization)
-        if side_file_settings is not None:
-            hf_config.quantization_config = side_file_settings
-    quant_config = get_quantization_config(quantization, hf_config)
-    dtype = resolve_dtype(model_config.dtype, hf_config, device)
-    with default_dtype(dtype), torch.device(device):
-        model = cls(hf_config, quant_config)
+    model = build_model(hf_config, quantization, model_config.dtype, device, folder=path)
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, model_config.seed)
     else:

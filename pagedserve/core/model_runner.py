@@ -18,6 +18,7 @@ import torch
 
 from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
+from pagedserve.core.kv_sizing import cuda_memory, kv_bytes_per_block, num_kv_blocks
 from pagedserve.core.layers.attention import Attention, AttentionBackend
 from pagedserve.core.loader import load_model
 from pagedserve.core.lora import LoRAManagerBase
@@ -29,11 +30,6 @@ if TYPE_CHECKING:
     from pagedserve.core.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-#: The CPU has no memory to profile: without a size, the KV cache holds max_num_seqs sequences of
-#: max_model_len tokens (no preemption ever), capped at this many bytes.
-CPU_DEFAULT_KV_BYTES = 4 << 30
-
 
 @dataclass
 class RunnerOutput:
@@ -115,39 +111,12 @@ class ModelRunner(ModelRunnerBase):
         return torch.float8_e4m3fn if self.config.cache.kv_cache_dtype == "fp8" else self.dtype
 
     def _bytes_per_block(self) -> int:
-        element = torch.empty((), dtype=self.kv_cache_dtype).element_size()
-        total = 0
-        for layer in self.attention_layers:
-            shape = self.backend.kv_cache_shape(1, self.block_size, layer.num_kv_heads, layer.head_size)
-            total += element * int(torch.Size(shape).numel())
-        return total
+        layers = [(layer.num_kv_heads, layer.head_size) for layer in self.attention_layers]
+        return kv_bytes_per_block(layers, self.block_size, self.backend.kv_cache_shape, self.kv_cache_dtype)
 
     def _num_kv_blocks(self) -> int:
-        cache = self.config.cache
-        if cache.num_kv_blocks is not None:
-            return cache.num_kv_blocks
-        per_block = self._bytes_per_block()
-        if cache.kv_cache_memory_bytes is not None:
-            budget = cache.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used_by_others = total - free - torch.cuda.memory_allocated(self.device)
-            # Leave room for activations and logits of the largest step.
-            activations = 64 * self.config.scheduler.max_num_batched_tokens * self.vocab_size
-            budget = int(total * cache.gpu_memory_utilization) - used_by_others
-            budget -= torch.cuda.memory_allocated(self.device) + activations
-        else:
-            max_len = self.config.model.max_model_len
-            blocks_per_seq = -(-max_len // self.block_size)
-            wanted = self.config.scheduler.max_num_seqs * blocks_per_seq * per_block
-            budget = min(wanted, CPU_DEFAULT_KV_BYTES)
-        blocks = budget // per_block
-        if blocks < 1:
-            raise ConfigError(
-                f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes; "
-                "raise kv_cache_memory_bytes / gpu_memory_utilization or use a smaller model"
-            )
-        return int(blocks)
+        memory = cuda_memory(self.device) if self.device.type == "cuda" else None
+        return num_kv_blocks(self.config, self._bytes_per_block(), self.vocab_size, memory)
 
     def _allocate_kv_caches(self) -> list[torch.Tensor]:
         caches = []
