@@ -121,6 +121,125 @@ class ParallelConfig:
             raise ConfigError("tensor_parallel_size > 1 is not supported yet; use 1")
 
 
+#: vLLM speculative_config keys pagedserve does not implement: refused, never ignored.
+_UNSUPPORTED_SPEC_KEYS = {
+    "draft_tensor_parallel_size": "the draft runs with the target's parallelism",
+    "quantization": "the draft loads its checkpoint's own format",
+    "max_model_len": "the draft uses the target's max_model_len",
+    "revision": "give a local folder or a bundled short name as model",
+    "code_revision": "remote code is never run",
+    "speculative_token_tree": "tree verification is not implemented; proposals are one chain",
+    "enforce_eager": "the draft follows the engine's torch_compile setting",
+    "disable_padded_drafter_batch": "the draft batch is never padded",
+}
+#: Methods under vLLM's names that pagedserve's built-ins do not provide (a plugin may).
+SPEC_METHOD_ALIASES = {"[ngram]": "ngram", "draft": "draft_model"}
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's ``speculative_config``): a proposer plugin ``method``
+    suggests up to ``num_speculative_tokens`` tokens a step, which the target verifies in one
+    forward. Method-specific options keep vLLM's names."""
+
+    method: str
+    num_speculative_tokens: int
+    #: draft_model: the draft's folder or short name (default: the target's bundled draft).
+    model: str | None = None
+    #: ngram: the shortest and longest n-gram looked up in the request's own tokens.
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
+    #: Speculate only while at most this many sequences run (above it, plain decoding is
+    #: faster: see docs/speculative.md). None: the proposer's measured default; 0: never off.
+    disable_by_batch_size: int | None = None
+    #: suffix: depth of the suffix trees, requests whose outputs stay in the global cache,
+    #: most tokens proposed per matched token, and the least probability a proposed token has.
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 1000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise ConfigError(
+                "speculative_config needs a 'method' (ngram, suffix, draft_model or a plugin's)"
+            )
+        self.method = SPEC_METHOD_ALIASES.get(self.method, self.method)
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise ConfigError(
+                f"speculative_config num_speculative_tokens must be an integer in [1, 16], got {k!r}"
+            )
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            _positive(f"speculative_config {name}", getattr(self, name), allow_none=True)
+        if self.prompt_lookup_min is None and self.prompt_lookup_max is not None:
+            self.prompt_lookup_min = min(self.prompt_lookup_max, 1)
+        if self.prompt_lookup_max is None and self.prompt_lookup_min is not None:
+            self.prompt_lookup_max = max(self.prompt_lookup_min, 3)
+        if self.method == "ngram":
+            self.prompt_lookup_min = self.prompt_lookup_min or 1
+            self.prompt_lookup_max = self.prompt_lookup_max or 3
+        if (self.prompt_lookup_min or 0) > (self.prompt_lookup_max or 0):
+            raise ConfigError(
+                f"speculative_config prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        d = self.disable_by_batch_size
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
+            raise ConfigError(
+                f"speculative_config disable_by_batch_size must be an integer >= 0, got {d!r}"
+            )
+        _positive("speculative_config suffix_decoding_max_tree_depth", self.suffix_decoding_max_tree_depth)
+        _positive(
+            "speculative_config suffix_decoding_max_cached_requests",
+            self.suffix_decoding_max_cached_requests,
+        )
+        if not self.suffix_decoding_max_spec_factor > 0:
+            raise ConfigError("speculative_config suffix_decoding_max_spec_factor must be > 0")
+        if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:
+            raise ConfigError("speculative_config suffix_decoding_min_token_prob must be in [0, 1]")
+        if self.model is not None and self.method != "draft_model":
+            raise ConfigError(
+                f"speculative_config model is the draft of method 'draft_model', not {self.method!r}; "
+                "drop model or set method to draft_model"
+            )
+
+    @classmethod
+    def from_value(cls, value: Any) -> SpeculativeConfig | None:
+        """A SpeculativeConfig, a dict of vLLM's keys or its JSON text (the CLI's form)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(
+                "speculative_config must be a dict such as "
+                '{"method": "ngram", "num_speculative_tokens": 4}, '
+                f"got {type(value).__name__}"
+            )
+        known = {f for f in cls.__dataclass_fields__}
+        for key in value:
+            if key in _UNSUPPORTED_SPEC_KEYS:
+                raise ConfigError(
+                    f"speculative_config {key!r} is not supported: {_UNSUPPORTED_SPEC_KEYS[key]}; "
+                    "remove it"
+                )
+            if key not in known:
+                import difflib
+
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown speculative_config key {key!r}{hint}")
+        if "num_speculative_tokens" not in value:
+            raise ConfigError("speculative_config needs num_speculative_tokens (for example 4)")
+        return cls(**{"method": value.get("method", "")} | value)
+
+
 @dataclass
 class LoRAConfig:
     """Multi-LoRA serving (vLLM's names): up to ``max_loras`` adapters share a step, each of
@@ -164,6 +283,10 @@ class EngineConfig:
     #: fused kernels a step, at the cost of compiling at start-up. Off by default, unlike vLLM,
     #: because on a small CPU the compile time outweighs short runs.
     torch_compile: bool = False
+    speculative: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.speculative = SpeculativeConfig.from_value(self.speculative)
 
     def __post_init__(self) -> None:
         if self.lora.enable_lora and self.torch_compile:
@@ -222,6 +345,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "sampler": (None, "sampler"),
     "quantization": (None, "quantization"),
     "torch_compile": (None, "torch_compile"),
+    "speculative_config": (None, "speculative"),
 }
 
 

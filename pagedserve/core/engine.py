@@ -19,6 +19,7 @@ from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.speculative import ProposalBatch, SpecDecodingStats, speculation_enabled_for
 from pagedserve.core.tokenizer import IncrementalDetokenizer, get_eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class StepStats:
     #: LoRA adapters (names) of the running requests, and those only waiting requests ask for.
     running_lora_adapters: list[str] = field(default_factory=list)
     waiting_lora_adapters: list[str] = field(default_factory=list)
+    #: Speculative decoding's verification counts of this step (None without speculation).
+    spec_decoding: SpecDecodingStats | None = None
 
 
 @dataclass
@@ -107,7 +110,14 @@ class LLMEngine:
         )
         policy = self.plugins.registry("scheduling_policies").load(config.scheduler.policy)()
         max_loras = config.lora.max_loras if config.lora.enable_lora else None
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, policy, self.max_model_len, max_loras)
+        proposer = self.runner.proposer
+        lookahead = 0
+        if proposer is not None and proposer.needs_lookahead_slots:
+            lookahead = config.speculative.num_speculative_tokens  # type: ignore[union-attr]
+        self.scheduler = Scheduler(
+            config.scheduler, self.kv_cache, policy, self.max_model_len, max_loras,
+            num_lookahead_tokens=lookahead,
+        )
         self._groups: dict[str, _Group] = {}
         self._log_capacity()
         self.plugins.hook.engine_started(engine=self)
@@ -249,6 +259,7 @@ class LLMEngine:
             for seq in group.sequences:
                 if not seq.is_finished:
                     self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_ABORTED)
+                self.runner.request_finished(seq)
             self.plugins.hook.request_finished(output=self._make_output(request_id, group))
 
     def has_unfinished_requests(self) -> bool:
@@ -281,13 +292,18 @@ class LLMEngine:
         ttfts: list[float] = []
         itls: list[float] = []
         num_prompt_tokens = 0
+        num_generation_tokens = 0
         for seq in updated:
             num_prompt_tokens += self._record_timing(seq, now, ttfts, itls)
             group = self._groups.get(seq.parent_id)
             if group is None:
                 continue
             touched[seq.parent_id] = None
-            self._record_token(group, seq, runner_output.logprobs.get(seq.request_id))
+            num_generation_tokens += self._record_tokens(group, seq, runner_output.logprobs.get(seq.request_id))
+            if seq.is_finished:
+                self.runner.request_finished(seq)
+        if self.runner.proposer is not None:
+            self._propose()
 
         outputs = []
         for request_id in touched:
@@ -309,16 +325,44 @@ class LLMEngine:
                 step_seconds=time.perf_counter() - start,
                 forward_seconds=runner_output.forward_seconds,
                 num_prompt_tokens=num_prompt_tokens,
-                num_generation_tokens=len(updated),
+                num_generation_tokens=num_generation_tokens,
                 prefix_cache_queries=self.kv_cache.prefix_cache_queries - queries,
                 prefix_cache_hits=self.kv_cache.prefix_cache_hits - hits,
                 time_to_first_tokens=ttfts,
                 inter_token_latencies=itls,
                 running_lora_adapters=self.scheduler.running_lora_adapters if lora else [],
                 waiting_lora_adapters=self.scheduler.waiting_lora_adapters if lora else [],
+                spec_decoding=self.scheduler.spec_stats if self.config.speculative else None,
             )
         )
         return outputs
+
+    def _propose(self) -> None:
+        """Ask the proposer for the next step's tokens of every decoding request (none above
+        ``disable_by_batch_size`` running sequences)."""
+        running = self.scheduler.running
+        proposer = self.runner.proposer
+        assert proposer is not None and self.config.speculative is not None
+        if not speculation_enabled_for(self.config, type(proposer), len(running)):
+            for request in running:
+                request.set_spec_tokens([])
+            return
+        k = self.config.speculative.num_speculative_tokens
+        requests, limits = [], []
+        for request in running:
+            if request.spec_token_ids or request.num_computed_tokens != request.num_tokens - 1:
+                continue  # not scheduled last step (its proposal stands), or still prefilling
+            limit = min(k, self.max_model_len - request.num_tokens - 1)
+            max_tokens = request.sampling_params.max_tokens
+            if max_tokens is not None:
+                limit = min(limit, max_tokens - request.num_output_tokens - 1)
+            if limit > 0:
+                requests.append(request)
+                limits.append(limit)
+        if not requests:
+            return
+        for request, draft in zip(requests, self.runner.propose(ProposalBatch(requests, limits))):
+            request.set_spec_tokens(list(draft.token_ids), draft.probs)
 
     @staticmethod
     def _record_timing(seq: Request, now: float, ttfts: list[float], itls: list[float]) -> int:
@@ -333,24 +377,37 @@ class LLMEngine:
         seq.last_token_time = now
         return seq.num_prompt_tokens if first and seq.index == 0 else 0
 
-    def _record_token(self, group: _Group, seq: Request, logprobs: dict | None) -> None:
-        """Detokenize the sequence's new token, note its logprobs, and apply stop strings."""
-        if logprobs is not None:
-            for token_id, logprob in logprobs.items():
-                logprob.decoded_token = group.detokenizers[seq.index].decode_token(token_id)
-            seq.logprobs.append(logprobs)
+    def _record_tokens(self, group: _Group, seq: Request, logprobs: dict | list[dict] | None) -> int:
+        """Detokenize the sequence's new tokens (several after accepted speculative tokens),
+        note their logprobs, and apply stop strings: a stop string inside the step's tokens
+        drops the tokens after it, as if they had never been generated. Returns the number of
+        new tokens kept."""
         detokenizer = group.detokenizers[seq.index]
-        new_tokens = seq.output_token_ids[len(detokenizer.output_token_ids) :]
+        if logprobs is not None:
+            entries = logprobs if isinstance(logprobs, list) else [logprobs]
+            for entry in entries[: seq.num_output_tokens - len(seq.logprobs)]:
+                for token_id, logprob in entry.items():
+                    logprob.decoded_token = detokenizer.decode_token(token_id)
+                seq.logprobs.append(entry)
+        num_before = len(detokenizer.output_token_ids)
+        new_tokens = seq.output_token_ids[num_before:]
         if detokenizer.finished or not new_tokens:
-            return
+            return len(new_tokens)
         # EOS or a stop token id ended it: that token's text is not part of the output.
         stop_terminated = seq.status == RequestStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
-        stop = detokenizer.update(new_tokens, stop_terminated=stop_terminated)
+        stop = None
+        for i, token in enumerate(new_tokens):
+            last = i == len(new_tokens) - 1
+            stop = detokenizer.update([token], stop_terminated=stop_terminated and last)
+            if stop is not None:
+                break
         if stop is not None:
+            seq.truncate_output(len(detokenizer.output_token_ids))
             if seq.is_finished:
                 seq.status, seq.stop_reason = RequestStatus.FINISHED_STOPPED, stop
             else:
                 self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
+        return len(detokenizer.output_token_ids) - num_before
 
     def _make_output(self, request_id: str, group: _Group) -> RequestOutput:
         params = group.params
@@ -398,7 +455,19 @@ class LLMEngine:
             "first_token_time": min(first_tokens, default=None),
             "finished_time": time.monotonic() if group.finished else None,
         }
-        return {name: value for name, value in timings.items() if value is not None}
+        metrics = {name: value for name, value in timings.items() if value is not None}
+        drafts = sum(s.num_spec_drafts for s in group.sequences)
+        if drafts:
+            # Speculative decoding: verification steps, proposed and accepted tokens; the mean
+            # accepted length counts the target's own token of each step too.
+            proposed = sum(s.num_spec_draft_tokens for s in group.sequences)
+            accepted = sum(s.num_spec_accepted_tokens for s in group.sequences)
+            metrics["spec_num_drafts"] = drafts
+            metrics["spec_num_draft_tokens"] = proposed
+            metrics["spec_num_accepted_tokens"] = accepted
+            metrics["spec_acceptance_rate"] = accepted / proposed if proposed else 0.0
+            metrics["spec_mean_accepted_length"] = 1 + accepted / drafts
+        return metrics
 
     def shutdown(self) -> None:
         self.plugins.hook.engine_shutdown(engine=self)

@@ -209,9 +209,12 @@ class KVCacheManager:
         num_new_tokens: int,
         new_computed_blocks: Sequence[int] = (),
         num_new_computed_tokens: int = 0,
+        num_lookahead_tokens: int = 0,
     ) -> bool:
         """Make ``request.block_ids`` cover ``num_computed_tokens + num_new_computed_tokens +
-        num_new_tokens`` tokens; all or nothing (False, and no change, when blocks run short).
+        num_new_tokens`` tokens, plus ``num_lookahead_tokens`` slots past them (where a draft
+        model writes its own KV for the tokens it proposes); all or nothing (False, and no
+        change, when blocks run short).
 
         ``new_computed_blocks`` (from ``get_computed_blocks``) are referenced first, then fresh
         blocks are added. If the first new token goes into a partially filled block that other
@@ -226,7 +229,7 @@ class KVCacheManager:
         start = request.num_computed_tokens + num_new_computed_tokens
         end = start + num_new_tokens
         num_held = len(request.block_ids) + len(new_computed_blocks)
-        num_fresh = max(0, self.blocks_needed(end) - num_held)
+        num_fresh = max(0, self.blocks_needed(end + num_lookahead_tokens) - num_held)
         write_index = start // self.block_size
         copy_on_write = (
             num_new_tokens > 0
@@ -254,6 +257,17 @@ class KVCacheManager:
             for index in range(start // self.block_size, num_full):
                 pool.cache(request.block_ids[index], request.block_hashes[index])
         return True
+
+    def cache_computed_blocks(self, request: Request, from_token: int) -> None:
+        """Cache the request's blocks that became full of computed tokens from ``from_token``
+        on: speculative tokens computed in a step count as the request's own (and may fill a
+        block) only once they are accepted, after the step."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        self._extend_hashes(request, num_full)
+        for index in range(from_token // self.block_size, num_full):
+            self.pool.cache(request.block_ids[index], request.block_hashes[index])
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The copy-on-write copies ``(src, dst)`` recorded since the last call; the runner must

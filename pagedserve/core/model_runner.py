@@ -23,7 +23,9 @@ from pagedserve.core.layers.attention import Attention, AttentionBackend
 from pagedserve.core.loader import load_model
 from pagedserve.core.lora import LoRAManagerBase
 from pagedserve.core.plugins import PluginManager, Registry
+from pagedserve.core.rejection_sampler import verify
 from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
+from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
 
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
@@ -34,10 +36,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RunnerOutput:
     """Per request id: the sampled token, its logprobs, and the prompt logprobs of this chunk
-    (with the index, among the prompt's scored tokens 1.., of the chunk's first entry)."""
+    (with the index, among the prompt's scored tokens 1.., of the chunk's first entry). A
+    request that carried proposed tokens gets lists: the accepted proposals, then the token
+    sampled after them, and their logprobs."""
 
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    sampled_token_ids: dict[str, int | list[int]] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs | list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
     #: Wall time of the model forward and the sampled rows' logits (the engine-overhead baseline).
     forward_seconds: float = 0.0
@@ -50,6 +54,8 @@ class ModelRunnerBase(ABC):
     vocab_size: int
     #: Installed by a LoRA plugin when the engine starts with ``enable_lora``.
     lora_manager: LoRAManagerBase | None = None
+    #: The speculative-decoding proposer, when ``speculative_config`` is set.
+    proposer: Proposer | None = None
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
@@ -58,6 +64,13 @@ class ModelRunnerBase(ABC):
         """Check a new request against the sampler's logits processors (ValueError) and start
         their preparation; the request waits for the returned futures."""
         return []
+
+    def propose(self, batch: ProposalBatch) -> list[DraftTokens]:
+        """Proposals for the next step (after ``execute`` and the scheduler's update)."""
+        return [DraftTokens([]) for _ in batch.requests]
+
+    def request_finished(self, request: Request) -> None:
+        """A request finished or was aborted (the proposer drops what it kept for it)."""
 
 
 def select_attention_backend(config: EngineConfig, registry: Registry) -> type[AttentionBackend]:
@@ -95,13 +108,29 @@ class ModelRunner(ModelRunnerBase):
 
         backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
         self.backend = backend_cls(config)
+        self.proposer = self._build_proposer(plugins) if config.speculative is not None else None
+        #: Per request id: the target's hidden state at the row that gave its last token, for a
+        #: proposer that reads hidden states.
+        self._last_hidden: dict[str, torch.Tensor] = {}
         self.kv_cache_dtype = self._kv_cache_dtype()
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_caches = self._allocate_kv_caches()
+        if self.proposer is not None:
+            self.proposer.allocate_kv_cache(self.num_kv_blocks)
         self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
         self._warm_up()
 
         self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
+
+    def _build_proposer(self, plugins: PluginManager) -> Proposer:
+        method = self.config.speculative.method  # type: ignore[union-attr]
+        registry = plugins.registry("speculative_proposers")
+        if method not in registry:
+            known = ", ".join(registry.names()) or "none"
+            raise ConfigError(
+                f"speculative_config method {method!r} is not registered; known: {known}"
+            )
+        return registry.load(method)(self.config, self)
 
     # -- KV cache --------------------------------------------------------------------------------
 
@@ -116,7 +145,10 @@ class ModelRunner(ModelRunnerBase):
 
     def _num_kv_blocks(self) -> int:
         memory = cuda_memory(self.device) if self.device.type == "cuda" else None
-        return num_kv_blocks(self.config, self._bytes_per_block(), self.vocab_size, memory)
+        per_block = self._bytes_per_block()
+        if self.proposer is not None:  # a draft model's KV lives in the same blocks
+            per_block += self.proposer.kv_cache_bytes_per_block()
+        return num_kv_blocks(self.config, per_block, self.vocab_size, memory)
 
     def _allocate_kv_caches(self) -> list[torch.Tensor]:
         caches = []
@@ -187,14 +219,22 @@ class ModelRunner(ModelRunnerBase):
         token_ids: list[int] = []
         seqs = []
         sample_rows: list[int] = []
+        # Requests verifying proposals, and their 1 + k rows each (after sample_rows).
+        spec_requests: list[Request] = []
+        spec_rows: list[int] = []
         # (request id, start, first row, targets, k): logits at position p score prompt token p + 1.
         prompt_rows: list[tuple[str, int, int, list[int], int]] = []
         for item in scheduled:
             req, start, count = item.request, item.request.num_computed_tokens, item.num_new_tokens
             first = len(token_ids)
-            token_ids.extend(req.all_token_ids[start : start + count])
+            num_spec = item.num_spec_tokens
+            token_ids.extend(req.all_token_ids[start : start + count - num_spec])
+            token_ids.extend(req.spec_token_ids[:num_spec])
             seqs.append((req.block_ids, start, count))
-            if item.sample:
+            if item.sample and num_spec:
+                spec_requests.append(req)
+                spec_rows.extend(range(first + count - 1 - num_spec, first + count))
+            elif item.sample:
                 sample_rows.append(first + count - 1)
             k = req.sampling_params.prompt_logprobs
             if k is not None and start < req.num_prompt_tokens - 1:
@@ -213,9 +253,11 @@ class ModelRunner(ModelRunnerBase):
         forward_start = time.perf_counter()
         with set_forward_context(self.backend, metadata, lora_mapping):
             hidden = self.forward(input_ids, layout.positions)
-        if sample_rows:
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-            sample_logits = self.model.compute_logits(hidden[rows])
+        all_rows = sample_rows + spec_rows
+        if all_rows:
+            rows = torch.tensor(all_rows, dtype=torch.long, device=self.device)
+            all_logits = self.model.compute_logits(hidden[rows])
+            sample_logits = all_logits[: len(sample_rows)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         output.forward_seconds = time.perf_counter() - forward_start
@@ -225,11 +267,44 @@ class ModelRunner(ModelRunnerBase):
             target_ids = torch.tensor(targets, dtype=torch.long, device=self.device)
             output.prompt_logprobs[request_id] = (start, compute_prompt_logprobs(logits, target_ids, k))
 
+        keep_hidden = self.proposer is not None and self.proposer.uses_hidden_states
         if sample_rows:
-            requests = [item.request for item in scheduled if item.sample]
+            requests = [item.request for item in scheduled if item.sample and not item.num_spec_tokens]
             sampled = self.sampler(sample_logits, SamplingBatch(requests, device=self.device))
-            for req, token, logprobs in zip(requests, sampled.token_ids, sampled.logprobs):
+            for req, token, logprobs, row in zip(requests, sampled.token_ids, sampled.logprobs, sample_rows):
                 output.sampled_token_ids[req.request_id] = token
                 if logprobs is not None:
                     output.logprobs[req.request_id] = logprobs
+                if keep_hidden:
+                    self._last_hidden[req.request_id] = hidden[row].clone()
+        if spec_requests:
+            verified = verify(self.sampler, all_logits[len(sample_rows) :], spec_requests, self.device)
+            first_row = 0
+            for req, result in zip(spec_requests, verified):
+                output.sampled_token_ids[req.request_id] = result.token_ids
+                if result.logprobs is not None:
+                    output.logprobs[req.request_id] = result.logprobs
+                if keep_hidden:
+                    row = spec_rows[first_row + len(result.token_ids) - 1]
+                    self._last_hidden[req.request_id] = hidden[row].clone()
+                first_row += len(req.spec_token_ids) + 1
         return output
+
+    # -- speculative decoding --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def propose(self, batch: ProposalBatch) -> list[DraftTokens]:
+        if self.proposer is None:
+            return super().propose(batch)
+        if self.proposer.uses_hidden_states:
+            batch.hidden_states = {
+                r.request_id: self._last_hidden[r.request_id]
+                for r in batch.requests
+                if r.request_id in self._last_hidden
+            }
+        return self.proposer.propose(batch)
+
+    def request_finished(self, request: Request) -> None:
+        self._last_hidden.pop(request.request_id, None)
+        if self.proposer is not None:
+            self.proposer.request_finished(request)

@@ -88,6 +88,15 @@ class Request:
         self.logprobs: list[Any] = []
         self.prompt_logprobs: list[Any] = []
         self.cumulative_logprob = 0.0
+        #: Speculative decoding: the tokens proposed for the next step (after the last token)
+        #: and, for a proposer that samples them, their draft probabilities [k, vocab] (None:
+        #: each proposed token had probability 1). Written by the engine, cut by the scheduler.
+        self.spec_token_ids: list[int] = []
+        self.spec_token_probs: Any = None
+        #: Verification steps with proposals, proposed tokens verified, and tokens accepted.
+        self.num_spec_drafts = 0
+        self.num_spec_draft_tokens = 0
+        self.num_spec_accepted_tokens = 0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
@@ -133,6 +142,19 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop the output tokens past ``num_output_tokens`` (a stop string ended the output
+        inside a step's accepted speculative tokens)."""
+        extra = self.num_output_tokens - num_output_tokens
+        if extra > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self.all_token_ids[-extra:]
+            del self.logprobs[num_output_tokens:]
+
+    def set_spec_tokens(self, token_ids: list[int], probs: Any = None) -> None:
+        self.spec_token_ids = token_ids
+        self.spec_token_probs = probs
 
     def __repr__(self) -> str:
         return (

@@ -184,6 +184,17 @@ class Sampler(ABC):
         futures = (p.prepare_request(request, tokenizer) for p in self.processors)
         return [future for future in futures if future is not None]
 
+    def distributions(
+        self, logits: torch.Tensor, batch: SamplingBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What speculative verification needs instead of a token: per row, the token greedy
+        decoding would pick [R] and the distribution sampling would draw from [R, V] (None when
+        every row is greedy), after every logits processor. The logits may be modified."""
+        raise NotImplementedError(
+            f"sampler {type(self).__name__} cannot verify speculative tokens: it does not "
+            "implement distributions(); use the default sampler or turn speculation off"
+        )
+
 
 def request_generator(request: Request, device: torch.device | str) -> torch.Generator:
     """The request's own generator, seeded from (seed, index) on first use and kept on it, so

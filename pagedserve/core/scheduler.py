@@ -33,6 +33,7 @@ from pagedserve.core.config import SchedulerConfig
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.policies import SchedulingPolicy
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.speculative import SpecDecodingStats
 
 
 @dataclass
@@ -42,6 +43,10 @@ class ScheduledRequest:
     #: This step computes up to ``request.num_tokens``, so the runner samples one token; False
     #: for a non-final chunk of a chunked prefill.
     sample: bool
+    #: Of ``num_new_tokens``, the last ones are these many proposed tokens
+    #: (``request.spec_token_ids``): the runner samples ``1 + num_spec_tokens`` positions and
+    #: verifies them.
+    num_spec_tokens: int = 0
 
 
 @dataclass
@@ -62,9 +67,11 @@ class _StepBuilder:
         self.budget = token_budget
         self.preempted: list[Request] = []
 
-    def add(self, request: Request, num_new_tokens: int) -> None:
-        sample = request.num_computed_tokens + num_new_tokens == request.num_tokens
-        self.entries[request.request_id] = ScheduledRequest(request, num_new_tokens, sample)
+    def add(self, request: Request, num_new_tokens: int, num_spec_tokens: int = 0) -> None:
+        sample = request.num_computed_tokens + num_new_tokens - num_spec_tokens == request.num_tokens
+        self.entries[request.request_id] = ScheduledRequest(
+            request, num_new_tokens, sample, num_spec_tokens
+        )
         self.budget -= num_new_tokens
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
@@ -85,7 +92,10 @@ class Scheduler:
         policy: SchedulingPolicy,
         max_model_len: int,
         max_loras: int | None = None,
+        num_lookahead_tokens: int = 0,
     ) -> None:
+        """``num_lookahead_tokens``: KV slots to hold past a sampling request's scheduled
+        tokens, for a draft model to write the KV of the tokens it proposes after the step."""
         if config.max_num_batched_tokens is None:
             raise ValueError(
                 "SchedulerConfig.max_num_batched_tokens is not set: call EngineConfig.finalize() "
@@ -98,6 +108,9 @@ class Scheduler:
         #: Distinct LoRA adapters a step may hold; None: LoRA is off (the engine refuses
         #: requests with an adapter).
         self.max_loras = max_loras
+        self.num_lookahead_tokens = num_lookahead_tokens
+        #: Speculative decoding counts of the last ``update_from_output``.
+        self.spec_stats = SpecDecodingStats()
         self.waiting: list[Request] = []
         #: In the order the requests were (re)admitted, the latest last.
         self.running: list[Request] = []
@@ -255,10 +268,19 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_new = min(self._tokens_to_compute(request), step.budget)
+            to_compute = self._tokens_to_compute(request)
+            num_new = min(to_compute, step.budget)
             if num_new <= 0:
                 continue
-            while not self.kv_cache.allocate_slots(request, num_new):
+            num_spec = self._num_spec_tokens(request, to_compute, step.budget)
+            samples = request.num_computed_tokens + num_new == request.num_tokens
+            lookahead = self.num_lookahead_tokens if samples else 0
+            while not self.kv_cache.allocate_slots(
+                request, num_new + num_spec, num_lookahead_tokens=lookahead
+            ):
+                if num_spec or lookahead:  # speculation gives way before anyone is preempted
+                    num_spec = lookahead = 0
+                    continue
                 victim = self.policy.pick_victim(self.running)
                 step.unschedule(victim)
                 self._preempt(victim)
@@ -266,12 +288,30 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                step.add(request, num_new)
+                if num_spec < len(request.spec_token_ids):
+                    probs = request.spec_token_probs
+                    request.set_spec_tokens(
+                        request.spec_token_ids[:num_spec], None if probs is None else probs[:num_spec]
+                    )
+                step.add(request, num_new + num_spec, num_spec)
+
+    def _num_spec_tokens(self, request: Request, to_compute: int, budget: int) -> int:
+        """How many of the request's proposed tokens fit this step: within the budget, and
+        never so many that accepting all of them (plus the token sampled after them) would pass
+        ``max_tokens`` or ``max_model_len``."""
+        if not request.spec_token_ids or to_compute != 1:
+            return 0
+        limit = min(len(request.spec_token_ids), budget - 1, self.max_model_len - request.num_tokens - 1)
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            limit = min(limit, max_tokens - request.num_output_tokens - 1)
+        return max(limit, 0)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv_cache.free(request)
         request.num_computed_tokens = 0
+        request.set_spec_tokens([])
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions_total += 1
@@ -378,11 +418,16 @@ class Scheduler:
     # -- after the model ran ------------------------------------------------------------------
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled_token_ids: dict[str, int]
+        self, output: SchedulerOutput, sampled_token_ids: dict[str, int | list[int]]
     ) -> list[Request]:
         """Record the step: computed tokens advance, sampled tokens are appended, finished
-        requests are freed. Returns the requests that got a token or finished."""
+        requests are freed. Returns the requests that got a token or finished.
+
+        A request sampled one token, or (when it carried proposed tokens) a list: the proposals
+        the verifier accepted, then the token it sampled after them. Tokens are appended one by
+        one, each checked for a stop, so speculation never runs past one."""
         changed = []
+        self.spec_stats = SpecDecodingStats()
         for entry in output.scheduled:
             request = entry.request
             if request.status is not RequestStatus.RUNNING:
@@ -398,13 +443,39 @@ class Scheduler:
                 raise ValueError(
                     f"no sampled token for {request.request_id!r}, which was scheduled to sample"
                 ) from None
-            request.append_output_token(token)
-            status, stop_reason = self._check_stop(request, token)
-            if status is not None:
-                self.running.remove(request)
-                self._finish(request, status, stop_reason)
+            tokens = [token] if isinstance(token, int) else token
+            if entry.num_spec_tokens or len(tokens) != 1:
+                self._roll_back_rejected(entry, tokens)
+            if request.spec_token_ids:  # proposed for a history that now changes
+                request.set_spec_tokens([])
+            num_tokens_before = request.num_tokens
+            for token in tokens:
+                request.append_output_token(token)
+                status, stop_reason = self._check_stop(request, token)
+                if status is not None:
+                    self.running.remove(request)
+                    self._finish(request, status, stop_reason)
+                    break
+            else:
+                if len(tokens) > 1:
+                    self.kv_cache.cache_computed_blocks(request, num_tokens_before)
             changed.append(request)
         return changed
+
+    def _roll_back_rejected(self, entry: ScheduledRequest, tokens: list[int]) -> None:
+        """Take back the computed tokens of the rejected proposals and count the verification."""
+        request = entry.request
+        num_accepted = len(tokens) - 1
+        if not 0 <= num_accepted <= entry.num_spec_tokens:
+            raise ValueError(
+                f"{request.request_id!r} got {len(tokens)} tokens for "
+                f"{entry.num_spec_tokens} proposed ones"
+            )
+        request.num_computed_tokens -= entry.num_spec_tokens - num_accepted
+        request.num_spec_drafts += 1
+        request.num_spec_draft_tokens += entry.num_spec_tokens
+        request.num_spec_accepted_tokens += num_accepted
+        self.spec_stats.observe(entry.num_spec_tokens, num_accepted)
 
     def _check_stop(self, request: Request, token: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params

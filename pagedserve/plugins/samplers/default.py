@@ -71,11 +71,24 @@ class DefaultSampler(Sampler):
         tokens = token_ids.tolist()
         return SamplerOutput(tokens, self._logprobs(raw_logprobs, token_ids, batch))
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def distributions(
+        self, logits: torch.Tensor, batch: SamplingBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for processor in self.processors:
+            logits = processor.apply(logits, batch)
+        probs = None if batch.all_greedy else self._probs(logits, batch)
+        return logits.argmax(dim=-1), probs
+
+    @staticmethod
+    def _probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution non-greedy rows draw from: temperature, top-k, top-p, min-p."""
         logits = logits / batch.temperatures
         logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         logits = apply_min_p(logits, batch.min_p)
-        probs = logits.softmax(dim=-1)
+        return logits.softmax(dim=-1)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        probs = self._probs(logits, batch)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row in batch.seeded_rows:
             noise[row].exponential_(generator=request_generator(batch.requests[row], self.device))
