@@ -287,8 +287,6 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.speculative = SpeculativeConfig.from_value(self.speculative)
-
-    def __post_init__(self) -> None:
         if self.lora.enable_lora and self.torch_compile:
             raise ConfigError(
                 "enable_lora does not work with torch_compile yet (the LoRA slots change between "
