@@ -1,0 +1,143 @@
+"""``FusedMoE``: every expert's gate/up and down projections as two stacked parameters.
+
+``w13_weight`` [E, 2 * I, H] holds each expert's gate (rows ``:I``) and up (rows ``I:``)
+projections, ``w2_weight`` [E, H, I] its down projection, loaded expert by expert from checkpoints
+that store ``experts.<e>.gate_proj`` etc. (or ``w1``/``w3``/``w2``, Mixtral's names).
+
+How it computes: on CUDA (with triton installed) the fused kernel of ``triton_moe`` (two grouped
+GEMMs over the tokens sorted by expert, no per-expert launches); elsewhere ``grouped_experts``:
+the (token, expert) pairs sorted by expert, one pair of matmuls per expert that has tokens, the
+results weighted and summed back per token in one ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from pagedserve.core.layers.linear import default_weight_loader
+from pagedserve.core.layers.quantization import QuantizationConfig
+
+
+def route_top_k(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts in float32, the ``top_k`` largest; returns (weights float32
+    [T, k], expert ids int64 [T, k]), the weights renormalised to sum to 1 when asked."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def grouped_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    activation: Any,
+) -> torch.Tensor:
+    """The torch path: tokens grouped by expert, one gate/up and one down matmul per used expert."""
+    num_tokens, top_k = ids.shape
+    intermediate = w2.shape[2]
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    rows = hidden.index_select(0, token_of)
+    out = torch.empty(num_tokens * top_k, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        end = start + count
+        gate, up = F.linear(rows[start:end], w13[expert]).split(intermediate, dim=-1)
+        out[start:end] = F.linear(activation(gate) * up, w2[expert])
+        start = end
+    weighted = out * weights.flatten()[order, None]
+    result = torch.zeros(num_tokens, hidden.shape[1], dtype=weighted.dtype, device=hidden.device)
+    return result.index_add_(0, token_of, weighted).to(hidden.dtype)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class FusedMoE(nn.Module):
+    """``forward(hidden [T, H], router_logits [T, E]) -> [T, H]``: each token through its
+    ``top_k`` experts (``down(act(gate(x)) * up(x))``), weighted by its routing probabilities."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        renormalize: bool = True,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        params_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if quant_config is not None:
+            raise ValueError(
+                f"{prefix}: the experts of a mixture-of-experts model cannot be served with "
+                f"quantization {quant_config.name!r} yet (quantized experts are not implemented); "
+                "serve the unquantized checkpoint of this model"
+            )
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"{prefix}: top_k={top_k} must be between 1 and num_experts={num_experts}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.intermediate_size = intermediate_size
+        self.renormalize = renormalize
+        self.prefix = prefix
+        self.activation_name = activation
+        self.act_fn = ACT2FN[activation]
+        dtype = params_dtype or torch.get_default_dtype()
+        self.w13_weight = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.w2_weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
+        )
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded_weight: torch.Tensor, expert: int, shard: int | None
+    ) -> None:
+        """Expert ``expert``'s gate (shard 0) or up (shard 1) into ``w13_weight``, its down
+        projection (shard None) into ``w2_weight``."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"{self.prefix}: expert {expert} of {self.num_experts} does not exist")
+        target = param.data[expert]
+        if param is self.w13_weight:
+            if shard not in (0, 1):
+                raise ValueError(f"{self.prefix}: w13 takes shard 0 (gate) or 1 (up), not {shard}")
+            target = target.narrow(0, shard * self.intermediate_size, self.intermediate_size)
+        default_weight_loader(target, loaded_weight)
+
+    def needed_shards(self, param_name: str) -> set[tuple[int, int | None]]:
+        shards: tuple[int | None, ...] = (0, 1) if param_name == "w13_weight" else (None,)
+        return {(expert, shard) for expert in range(self.num_experts) for shard in shards}
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = route_top_k(router_logits, self.top_k, self.renormalize)
+        if hidden_states.is_cuda and _triton_available() and self.activation_name == "silu":
+            from pagedserve.plugins.moe import triton_moe
+
+            return triton_moe.fused_experts(hidden_states, self.w13_weight, self.w2_weight, weights, ids)
+        return grouped_experts(hidden_states, self.w13_weight, self.w2_weight, weights, ids, self.act_fn)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, intermediate={self.intermediate_size}, "
+            f"renormalize={self.renormalize}, activation={self.activation_name}"
+        )
