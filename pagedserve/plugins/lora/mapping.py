@@ -1,0 +1,38 @@
+"""One step's token -> LoRA slot mapping, built once a step by the manager."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LoRAMapping:
+    """Which slot each token of the flat batch uses (-1: none, the base model).
+
+    ``groups`` serves the torch path: per slot in use, the tokens that use it (None: every
+    token of the step), so one matmul per slot and layer, no Python loop over tokens.
+    ``token_slots`` serves the Triton kernels, which read each token's slot themselves.
+    """
+
+    token_slots: torch.Tensor  # int32 [num_tokens]
+    groups: list[tuple[int, torch.Tensor | None]]
+    num_tokens: int
+
+    @classmethod
+    def build(
+        cls, request_slots: Sequence[int], num_tokens: Sequence[int], device: torch.device
+    ) -> LoRAMapping:
+        slots = np.repeat(np.asarray(request_slots, dtype=np.int64), np.asarray(num_tokens, dtype=np.int64))
+        groups: list[tuple[int, torch.Tensor | None]] = []
+        for slot in np.unique(slots):
+            if slot < 0:
+                continue
+            rows = np.nonzero(slots == slot)[0]
+            index = None if rows.size == slots.size else torch.from_numpy(rows).to(device)
+            groups.append((int(slot), index))
+        token_slots = torch.from_numpy(slots.astype(np.int32)).to(device)
+        return cls(token_slots=token_slots, groups=groups, num_tokens=int(slots.size))
