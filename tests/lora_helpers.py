@@ -10,7 +10,8 @@ import torch
 
 
 def make_peft_adapter(
-    model_dir: Path, out_dir: Path, seed: int, r: int = 4, target_modules: Any = "all-linear", **config: Any
+    model_dir: Path, out_dir: Path, seed: int, r: int = 4, target_modules: Any = "all-linear",
+    scale: float = 0.1, **config: Any,
 ) -> Path:
     """A LoRA adapter of the model in ``model_dir``, saved by PEFT, with A and B random (PEFT
     initialises B to zero, which would make every adapter the base model)."""
@@ -24,7 +25,7 @@ def make_peft_adapter(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     model.save_pretrained(out_dir)
     return Path(out_dir)
 
