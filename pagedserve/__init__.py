@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Any
 from pagedserve.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__"]
+__all__ = [
+    "LLM", "LoRARequest", "PoolingParams", "SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__",
+]
 
 if TYPE_CHECKING:
     from pagedserve.core.llm import LLM
     from pagedserve.core.lora import LoRARequest
+    from pagedserve.core.pooling import PoolingParams
     from pagedserve.core.sampling_params import SamplingParams, StructuredOutputsParams
 
 
@@ -28,6 +31,10 @@ def __getattr__(name: str) -> Any:
         from pagedserve.core.lora import LoRARequest
 
         return LoRARequest
+    if name == "PoolingParams":
+        from pagedserve.core.pooling import PoolingParams
+
+        return PoolingParams
     if name in ("SamplingParams", "StructuredOutputsParams"):
         from pagedserve.core import sampling_params
 

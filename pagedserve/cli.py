@@ -11,6 +11,19 @@ import click
 
 from pagedserve import __version__
 
+def _json_object(value: Any) -> dict[str, Any] | None:
+    """A flag given as a JSON object (vLLM's ``--pooler-config``)."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc})") from exc
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"give a JSON object, not {value}")
+    return parsed
+
+
 #: Engine flags shared by the commands that build an engine, with vLLM's names.
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
@@ -27,6 +40,9 @@ _ENGINE_OPTIONS = [
     click.option("--torch-compile", is_flag=True, help="Compile the model forward (slower start, faster steps)."),
     click.option("--device", default="auto"),
     click.option("--seed", type=int, default=0),
+    click.option("--pooler-config", type=_json_object, default=None, metavar="JSON",
+                 help='How embeddings pool, JSON: \'{"pooling_type": "MEAN", "normalize": true}\' '
+                      "(default LAST, normalised)."),
 ]
 
 
@@ -41,7 +57,7 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The engine arguments among a command's parsed options."""
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
-             "attention_backend", "torch_compile", "device", "seed")
+             "attention_backend", "torch_compile", "device", "seed", "pooler_config")
     return {name: kwargs[name] for name in names}
 
 
@@ -131,11 +147,11 @@ def default_model() -> str | None:
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
 @click.option("--tensor-parallel-size", "-tp", type=int, default=1, show_default=True)
 @click.option("--quantization", default=None, help="Weight format (default: the checkpoint's).")
-@click.option("--allowed-origins", type=_json_list, default=None,
+@click.option("--allowed-origins", type=_json_list, default=None, metavar="JSON",
               help='CORS: origins allowed, a JSON list (\'["https://a.example"]\'); off if not given.')
-@click.option("--allowed-methods", type=_json_list, default='["*"]', show_default=True,
+@click.option("--allowed-methods", type=_json_list, default='["*"]', metavar="JSON", show_default=True,
               help="CORS: methods allowed, a JSON list.")
-@click.option("--allowed-headers", type=_json_list, default='["*"]', show_default=True,
+@click.option("--allowed-headers", type=_json_list, default='["*"]', metavar="JSON", show_default=True,
               help="CORS: request headers allowed, a JSON list.")
 @click.option("--allow-credentials", is_flag=True, help="CORS: allow credentials (cookies).")
 def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,

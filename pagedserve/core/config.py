@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.core.pooling import PoolerConfig
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "dummy")
 #: "auto": the model's dtype; "fp8": float8 e4m3 with a per-tensor scale for K and for V.
@@ -36,6 +38,8 @@ class ModelConfig:
     #: "auto": the checkpoint's safetensors; "dummy": random weights, no checkpoint read (for
     #: benchmarks of model shapes that are not at hand, as vLLM's ``load_format="dummy"``).
     load_format: str = "auto"
+    #: How embeddings are pooled (vLLM's ``pooler_config``): a ``PoolerConfig`` or its dict.
+    pooler_config: PoolerConfig | dict[str, Any] | None = None
     #: Filled by the loader: the transformers config and the resolved folder.
     hf_config: Any = field(default=None, repr=False)
     model_path: str | None = None
@@ -50,6 +54,10 @@ class ModelConfig:
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        try:
+            self.pooler_config = PoolerConfig.of(self.pooler_config)
+        except ValueError as exc:
+            raise ConfigError(f"pooler_config: {exc}") from exc
 
 
 @dataclass
@@ -321,6 +329,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "revision": ("model", "revision"),
     "served_model_name": ("model", "served_model_name"),
     "load_format": ("model", "load_format"),
+    "pooler_config": ("model", "pooler_config"),
     "block_size": ("cache", "block_size"),
     "num_kv_blocks": ("cache", "num_kv_blocks"),
     "kv_cache_memory_bytes": ("cache", "kv_cache_memory_bytes"),

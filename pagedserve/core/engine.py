@@ -9,12 +9,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedserve.core import pooling
 from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.lora import LoRAManagerBase, LoRARequest
 from pagedserve.core.loader import get_model_max_len, load_generation_config, load_hf_config, resolve_model_path
-from pagedserve.core.outputs import CompletionOutput, RequestOutput
+from pagedserve.core.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
+from pagedserve.core.pooling import PoolingParams
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
@@ -73,7 +75,8 @@ class _Group:
     prompt_token_ids: list[int]
     sequences: list[Request]
     detokenizers: list[IncrementalDetokenizer]
-    params: SamplingParams
+    #: PoolingParams for an embedding request (one sequence, no detokenizer).
+    params: SamplingParams | PoolingParams
 
     @property
     def finished(self) -> bool:
@@ -184,18 +187,24 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: PromptType,
-        params: SamplingParams | None = None,
+        params: SamplingParams | PoolingParams | None = None,
         *,
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: Any = None,
         lora_request: LoRARequest | None = None,
     ) -> None:
-        """Queue a request; raises ValueError (and changes nothing) when it cannot be served.
+        """Queue a request (PoolingParams: an embedding request); raises ValueError (and
+        changes nothing) when it cannot be served.
 
         With ``lora_request`` the request runs with that adapter, loaded (and checked) now."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise ValueError("embeddings with a LoRA adapter are not supported; embed with the base model")
+            self._add_embedding_request(request_id, prompt, params, arrival_time, priority, cache_salt)
+            return
         params = params or SamplingParams()
         check_token_ids(params, self.vocab_size)
         text, token_ids = self.tokenize_prompt(prompt)
@@ -248,6 +257,33 @@ class LLMEngine:
             )
         manager.add_adapter(lora_request)
 
+    def _add_embedding_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: PoolingParams,
+        arrival_time: float | None,
+        priority: int,
+        cache_salt: Any,
+    ) -> None:
+        """A prefill-only request: scheduled like any other, pooled instead of sampled, done
+        (its blocks freed) once its prompt is computed."""
+        params.check(int(self.config.model.hf_config.hidden_size))
+        text, token_ids = self.tokenize_prompt(prompt)
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
+            )
+        # One slot past the prompt at most (the scheduler's size check); nothing is sampled.
+        request = Request(
+            request_id, token_ids, SamplingParams(max_tokens=1), arrival_time=arrival_time,
+            priority=priority, cache_salt=cache_salt,
+        )
+        request.pooling_params = params
+        request.skip_reading_prefix_cache = self.config.model.pooler_config.pooling_type == "MEAN"
+        self.scheduler.add_request(request)
+        self._groups[request_id] = _Group(text, token_ids, [request], [], params)
+
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Abort requests in any state; their KV blocks are freed at once. Unknown ids are ignored."""
         if isinstance(request_ids, str):
@@ -285,6 +321,11 @@ class LLMEngine:
             seq = self.scheduler.get_request(request_id)
             if seq is not None:  # a recomputed (preempted) chunk replaces what it covered
                 seq.prompt_logprobs[start_index:] = logprobs
+        pooling_type = self.config.model.pooler_config.pooling_type
+        for request_id, (start_index, partial) in runner_output.pooled.items():
+            seq = self.scheduler.get_request(request_id)
+            if seq is not None:
+                seq.pooled = pooling.combine(pooling_type, seq.pooled, start_index, partial)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
 
         touched: dict[str, None] = {}
@@ -294,6 +335,10 @@ class LLMEngine:
         num_prompt_tokens = 0
         num_generation_tokens = 0
         for seq in updated:
+            if seq.pooling_params is not None:  # an embedding, done: no token, no timing
+                num_prompt_tokens += seq.num_prompt_tokens
+                touched[seq.parent_id] = None
+                continue
             num_prompt_tokens += self._record_timing(seq, now, ttfts, itls)
             group = self._groups.get(seq.parent_id)
             if group is None:
@@ -409,8 +454,10 @@ class LLMEngine:
                 self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
         return len(detokenizer.output_token_ids) - num_before
 
-    def _make_output(self, request_id: str, group: _Group) -> RequestOutput:
+    def _make_output(self, request_id: str, group: _Group) -> RequestOutput | EmbeddingRequestOutput:
         params = group.params
+        if isinstance(params, PoolingParams):
+            return self._make_embedding_output(request_id, group, params)
         completions = []
         for seq, detok in zip(group.sequences, group.detokenizers):
             logprobs = seq.logprobs if params.logprobs is not None else None
@@ -441,6 +488,24 @@ class LLMEngine:
             finished=group.finished,
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=leader.num_cached_tokens,
+            metrics=self._timings(group),
+        )
+
+    def _make_embedding_output(
+        self, request_id: str, group: _Group, params: PoolingParams
+    ) -> EmbeddingRequestOutput:
+        (seq,) = group.sequences
+        pooler = self.config.model.pooler_config
+        embedding: list[float] = []  # aborted before its prompt was computed
+        if seq.status is RequestStatus.FINISHED_STOPPED and seq.pooled is not None:
+            normalize = pooler.normalize if params.normalize is None else params.normalize
+            embedding = pooling.finish(pooler.pooling_type, seq.pooled, seq.num_prompt_tokens, normalize)
+        return EmbeddingRequestOutput(
+            request_id=request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=EmbeddingOutput(embedding),
+            finished=group.finished,
+            num_cached_tokens=seq.num_cached_tokens,
             metrics=self._timings(group),
         )
 

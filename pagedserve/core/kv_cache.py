@@ -177,7 +177,7 @@ class KVCacheManager:
         """
         if request.num_computed_tokens:
             raise ValueError(f"{request.request_id}: prefix lookup after admission")
-        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+        if not self.enable_prefix_caching or request.skip_reading_prefix_cache:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         self._extend_hashes(request, max_blocks)

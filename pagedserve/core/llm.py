@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 from pagedserve.core.config import engine_config_from_args
 from pagedserve.core.engine import LLMEngine, PromptType
 from pagedserve.core.lora import LoRARequest
-from pagedserve.core.outputs import RequestOutput
+from pagedserve.core.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.core.pooling import PoolingParams
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.tokenizer import apply_chat_template
 
@@ -47,11 +48,7 @@ class LLM:
         prompt raises ValueError before anything runs. ``lora_request``: one adapter for every
         prompt, or one (or None: the base model) per prompt.
         """
-        if isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
-        ):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -74,6 +71,24 @@ class LLM:
                     f"got {len(loras)} LoRA requests for {len(prompts)} prompts; give one, or one per prompt"
                 )
         return self._run(prompts, params_list, use_tqdm, priority, loras)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """The embedding of every prompt (``output.outputs.embedding``), in prompt order, pooled
+        as the engine's ``pooler_config`` says. Embedding requests share the engine's steps with
+        generation; each frees its KV blocks once its prompt is computed."""
+        prompts = _prompt_list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} pooling params for {len(prompts)} prompts")
+        return self._run(prompts, params_list, use_tqdm, None, [None] * len(prompts))  # type: ignore[return-value]
 
     def chat(
         self,
@@ -102,7 +117,7 @@ class LLM:
     def _run(
         self,
         prompts: list[PromptType],
-        params_list: list[SamplingParams],
+        params_list: list[SamplingParams] | list[PoolingParams],
         use_tqdm: bool,
         priority: Sequence[int] | None,
         loras: list[LoRARequest | None],
@@ -133,3 +148,10 @@ class LLM:
             engine.abort_request(list(pending))
             raise
         return results  # type: ignore[return-value]
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text, token ids or a dict) or a list of them, as a list."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pagedserve.core.hookspecs import hookimpl
+from pagedserve.core.outputs import EmbeddingRequestOutput
 
 if TYPE_CHECKING:
     from pagedserve.core.engine import LLMEngine, StepStats
@@ -102,9 +103,12 @@ class EngineMetrics:
             self.itl.observe(seconds)
 
     @hookimpl
-    def request_finished(self, output: RequestOutput) -> None:
-        for completion in output.outputs:
-            self.success[completion.finish_reason or "abort"].inc()
+    def request_finished(self, output: RequestOutput | EmbeddingRequestOutput) -> None:
+        if isinstance(output, EmbeddingRequestOutput):
+            self.success["stop" if output.outputs.embedding else "abort"].inc()
+        else:
+            for completion in output.outputs:
+                self.success[completion.finish_reason or "abort"].inc()
         times = output.metrics
         if "finished_time" in times:
             self.e2e.observe(times["finished_time"] - times["arrival_time"])

@@ -24,6 +24,7 @@ from pagedserve.core.loader import load_model
 from pagedserve.core.lora import LoRAManagerBase
 from pagedserve.core.plugins import PluginManager, Registry
 from pagedserve.core.rejection_sampler import verify
+from pagedserve.core.pooling import pool_chunk
 from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
 from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
 
@@ -43,6 +44,9 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int | list[int]] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs | list[TokenLogprobs]] = field(default_factory=dict)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    #: Per embedding request: the prompt position its chunk started at and the chunk's share of
+    #: the pooled hidden state (see ``core/pooling.py``).
+    pooled: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     #: Wall time of the model forward and the sampled rows' logits (the engine-overhead baseline).
     forward_seconds: float = 0.0
 
@@ -105,6 +109,7 @@ class ModelRunner(ModelRunnerBase):
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.attention_layers.sort(key=lambda layer: layer.layer_index)
         self.dtype = next(self.model.parameters()).dtype
+        self.pooling_type = config.model.pooler_config.pooling_type
 
         backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
         self.backend = backend_cls(config)
@@ -224,6 +229,8 @@ class ModelRunner(ModelRunnerBase):
         spec_rows: list[int] = []
         # (request id, start, first row, targets, k): logits at position p score prompt token p + 1.
         prompt_rows: list[tuple[str, int, int, list[int], int]] = []
+        # (request, start, first row, rows, last chunk) of embedding requests: pooled, not sampled.
+        pool_rows: list[tuple[str, int, int, int, bool]] = []
         for item in scheduled:
             req, start, count = item.request, item.request.num_computed_tokens, item.num_new_tokens
             first = len(token_ids)
@@ -231,6 +238,9 @@ class ModelRunner(ModelRunnerBase):
             token_ids.extend(req.all_token_ids[start : start + count - num_spec])
             token_ids.extend(req.spec_token_ids[:num_spec])
             seqs.append((req.block_ids, start, count))
+            if req.pooling_params is not None:
+                pool_rows.append((req.request_id, start, first, count, item.sample))
+                continue
             if item.sample and num_spec:
                 spec_requests.append(req)
                 spec_rows.extend(range(first + count - 1 - num_spec, first + count))
@@ -267,9 +277,18 @@ class ModelRunner(ModelRunnerBase):
             target_ids = torch.tensor(targets, dtype=torch.long, device=self.device)
             output.prompt_logprobs[request_id] = (start, compute_prompt_logprobs(logits, target_ids, k))
 
+        for request_id, start, first, count, last in pool_rows:
+            partial = pool_chunk(self.pooling_type, hidden[first : first + count], last)
+            if partial is not None:
+                output.pooled[request_id] = (start, partial)
+
         keep_hidden = self.proposer is not None and self.proposer.uses_hidden_states
         if sample_rows:
-            requests = [item.request for item in scheduled if item.sample and not item.num_spec_tokens]
+            requests = [
+                item.request
+                for item in scheduled
+                if item.sample and not item.num_spec_tokens and item.request.pooling_params is None
+            ]
             sampled = self.sampler(sample_logits, SamplingBatch(requests, device=self.device))
             for req, token, logprobs, row in zip(requests, sampled.token_ids, sampled.logprobs, sample_rows):
                 output.sampled_token_ids[req.request_id] = token

@@ -41,3 +41,20 @@ class RequestOutput:
     #: ``time.monotonic()`` timestamps: arrival_time, first_scheduled_time, first_token_time and,
     #: once finished, finished_time (those known so far).
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """The embedding of one prompt (vLLM's shape): ``output.outputs.embedding``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -84,6 +84,13 @@ class Request:
         #: Work that must finish before the request is first scheduled (a grammar compiling off
         #: the engine loop, ...): until then it waits and the others run.
         self.pending: list[Future] = []
+        #: An embedding request (prefill only): its options; the runner pools its hidden
+        #: states into ``pooled`` instead of sampling, and it finishes once its prompt is computed.
+        self.pooling_params: Any = None
+        self.pooled: Any = None
+        #: Compute every prompt token, reading nothing from the prefix cache (prompt logprobs
+        #: and MEAN pooling need them all).
+        self.skip_reading_prefix_cache = sampling_params.prompt_logprobs is not None
         #: Sampling results kept for the output: per output token, (logprob, rank, top dict).
         self.logprobs: list[Any] = []
         self.prompt_logprobs: list[Any] = []

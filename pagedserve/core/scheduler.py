@@ -437,6 +437,11 @@ class Scheduler:
                 self._fork(request)
             if not entry.sample:
                 continue
+            if request.pooling_params is not None:  # prefill only: done with its prompt
+                self.running.remove(request)
+                self._finish(request, RequestStatus.FINISHED_STOPPED, None)
+                changed.append(request)
+                continue
             try:
                 token = sampled_token_ids[request.request_id]
             except KeyError:

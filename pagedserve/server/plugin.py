@@ -1,4 +1,5 @@
-"""Built-in plugin: the server routes beyond completions and chat (the Responses API), added
+"""Built-in plugin: the server routes beyond completions and chat (the Responses API and
+embeddings), added
 with ``register_routes`` as a third party adds its own. Only registrations here."""
 
 from __future__ import annotations
@@ -9,3 +10,4 @@ from pagedserve.core.hookspecs import Register, hookimpl
 @hookimpl
 def register_routes(register: Register) -> None:
     register("responses", "pagedserve.server.responses:router")
+    register("embeddings", "pagedserve.server.embeddings:router")
