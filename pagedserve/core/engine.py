@@ -338,6 +338,7 @@ class LLMEngine:
             if seq.pooling_params is not None:  # an embedding, done: no token, no timing
                 num_prompt_tokens += seq.num_prompt_tokens
                 touched[seq.parent_id] = None
+                self.runner.request_finished(seq)
                 continue
             num_prompt_tokens += self._record_timing(seq, now, ttfts, itls)
             group = self._groups.get(seq.parent_id)
