@@ -302,6 +302,7 @@ def train_all(out: Path, max_steps: int | None) -> dict[str, Any]:
         shutil.rmtree(folder, ignore_errors=True)
         model.to(torch.float16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        make_tokenizer_config_portable(folder)
         shipped = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         evaluation = {
             "held_out_perplexity": round(perplexity(shipped, windows), 3),
@@ -323,6 +324,19 @@ def train_all(out: Path, max_steps: int | None) -> dict[str, Any]:
         print(spec.folder, json.dumps(manifest["models"][spec.folder]["evaluation"]), flush=True)
     manifest["total_wall_s"] = round(time.perf_counter() - run_start, 1)
     return manifest
+
+
+def make_tokenizer_config_portable(folder: Path) -> None:
+    """Let transformers 4.45+ load the tokenizer, not only 5.x: 5.x writes the class name
+    ``TokenizersBackend`` (unknown to 4.x) and a ``backend`` key, and 4.x before 4.50 reads the
+    chat template only from tokenizer_config.json. ``PreTrainedTokenizerFast`` is the same
+    class in 5.x."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.pop("backend", None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def check_draft_cost() -> None:
