@@ -43,6 +43,10 @@ _ENGINE_OPTIONS = [
     click.option("--pooler-config", type=_json_object, default=None, metavar="JSON",
                  help='How embeddings pool, JSON: \'{"pooling_type": "MEAN", "normalize": true}\' '
                       "(default LAST, normalised)."),
+    click.option("--enable-lora", is_flag=True, help="Serve LoRA adapters (requests pick one by model name)."),
+    click.option("--max-loras", type=int, default=1, show_default=True, help="Distinct LoRA adapters a step may hold."),
+    click.option("--max-lora-rank", type=int, default=16, show_default=True, help="The largest adapter rank served."),
+    click.option("--max-cpu-loras", type=int, default=None, help="LoRA adapters kept in memory (default: --max-loras)."),
 ]
 
 
@@ -57,8 +61,50 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The engine arguments among a command's parsed options."""
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
-             "attention_backend", "torch_compile", "device", "seed", "pooler_config")
+             "attention_backend", "torch_compile", "device", "seed", "pooler_config", "enable_lora",
+             "max_loras", "max_lora_rank", "max_cpu_loras")
     return {name: kwargs[name] for name in names}
+
+
+class _NargsPlusOption(click.Option):
+    """vLLM's ``nargs="+"``: ``--lora-modules a=x b=y`` takes values up to the next option
+    (``--lora-modules`` may also be repeated)."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for opt in self.opts:
+            parser_option = parser._long_opt.get(opt)
+            if parser_option is None:
+                continue
+            process = parser_option.process
+
+            def take_all(value: Any, state: Any, _process: Any = process) -> None:
+                _process(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    _process(state.rargs.pop(0), state)
+
+            parser_option.process = take_all
+
+
+def lora_adapters_from_flags(
+    served_name: str, lora_modules: tuple[str, ...], enable_lora: bool, runtime_updating: bool,
+    lora_roots: tuple[str, ...],
+) -> Any:
+    """The server's LoRA adapter table from its flags (None without ``--enable-lora``)."""
+    if not enable_lora:
+        if lora_modules or runtime_updating or lora_roots:
+            raise click.UsageError("--lora-modules, --enable-lora-runtime-updating and --lora-root need --enable-lora")
+        return None
+    if runtime_updating and not lora_roots:
+        raise click.UsageError("--enable-lora-runtime-updating needs --lora-root: the folders adapters may load from")
+    from pagedserve.server.lora import LoRAModulePath, ServedAdapters
+
+    adapters = ServedAdapters(served_name, roots=list(lora_roots), runtime_updating=runtime_updating)
+    for value in lora_modules:
+        module = LoRAModulePath.parse(value)
+        lora = adapters.new_request(module.name, module.path, module.base_model_name)
+        adapters.adapters[lora.lora_name] = lora
+    return adapters
 
 
 def setup_logging(level: str) -> None:
@@ -154,10 +200,17 @@ def default_model() -> str | None:
 @click.option("--allowed-headers", type=_json_list, default='["*"]', metavar="JSON", show_default=True,
               help="CORS: request headers allowed, a JSON list.")
 @click.option("--allow-credentials", is_flag=True, help="CORS: allow credentials (cookies).")
+@click.option("--lora-modules", cls=_NargsPlusOption, multiple=True, metavar="NAME=PATH|JSON ...",
+              help='LoRA adapters served as models: name=path, or {"name":..,"path":..,"base_model_name":..}.')
+@click.option("--enable-lora-runtime-updating", is_flag=True,
+              help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --lora-root).")
+@click.option("--lora-root", "lora_roots", multiple=True, metavar="DIR",
+              help="A folder runtime-loaded adapters may come from (repeatable).")
 def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,
           served_model_name: str | None, gpu_memory_utilization: float, tensor_parallel_size: int,
           quantization: str | None, allowed_origins: list[str] | None, allowed_methods: list[str],
-          allowed_headers: list[str], allow_credentials: bool, **kwargs: Any) -> None:
+          allowed_headers: list[str], allow_credentials: bool, lora_modules: tuple[str, ...],
+          enable_lora_runtime_updating: bool, lora_roots: tuple[str, ...], **kwargs: Any) -> None:
     """Serve MODEL with an OpenAI-compatible HTTP API until SIGINT or SIGTERM."""
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.loader import ModelLoadError
@@ -181,7 +234,10 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
             cors = CORSOptions(allowed_origins, allowed_methods, allowed_headers, allow_credentials)
         elif allow_credentials:
             raise click.UsageError("--allow-credentials needs --allowed-origins")
-        run_server(config, host, port, api_key, cors, log_level=logging.getLogger().getEffectiveLevel())
+        adapters = lora_adapters_from_flags(
+            served_model_name or model, lora_modules, kwargs["enable_lora"], enable_lora_runtime_updating, lora_roots
+        )
+        run_server(config, host, port, api_key, cors, adapters, log_level=logging.getLogger().getEffectiveLevel())
     except (ValueError, ModelLoadError, PluginError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -25,6 +25,16 @@ BUNDLED_MODELS = {
 }
 
 
+#: LoRA adapters of the bundled models: short name -> folder under ``pagedserve/assets``.
+BUNDLED_ADAPTERS = {"pagedserve/tiny-py-lora-tests": "tiny-py-lora-tests"}
+
+
+def bundled_adapter_path(name: str) -> Path | None:
+    """The folder of the bundled adapter called ``name``, or None when it is not a short name."""
+    folder = BUNDLED_ADAPTERS.get(name)
+    return None if folder is None else ASSETS_DIR / folder
+
+
 def bundled_model_path(name: str) -> Path | None:
     """The folder of the bundled model called ``name``, or None when ``name`` is not a short name."""
     folder = BUNDLED_MODELS.get(name)

@@ -10,12 +10,14 @@ across HTTP clients. The thread sleeps on an event while no request is waiting.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pagedserve.core.config import EngineConfig
 from pagedserve.core.engine import LLMEngine, PromptType
@@ -102,6 +104,12 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: concurrent.futures.Future
+
+
 class AsyncLLMEngine:
     """Serve an LLMEngine to asyncio code: ``await add_requests(...)``, then iterate the stream.
 
@@ -126,7 +134,7 @@ class AsyncLLMEngine:
         except BaseException:
             self._unregister_observers()
             raise
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
@@ -170,14 +178,22 @@ class AsyncLLMEngine:
             raise
         return stream
 
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps (the engine is not thread-safe)
+        and return its result or raise its exception; the loop keeps running either way."""
+        self.check_alive()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(_Call(fn, future))
+        return await asyncio.wrap_future(future)
+
     def abort(self, request_ids: list[str]) -> None:
         """Abort requests (unknown or finished ids are ignored); thread-safe."""
         self._submit(_Abort(request_ids))
 
-    def _submit(self, command: _Add | _Abort | None) -> None:
+    def _submit(self, command: _Add | _Abort | _Call | None) -> None:
         with self._lock:
             if self._closed:
-                if isinstance(command, _Add):
+                if isinstance(command, (_Add, _Call)):
                     raise EngineDeadError("the engine loop is not running")
                 return
             self._commands.put(command)
@@ -228,6 +244,11 @@ class AsyncLLMEngine:
                 self.engine.abort_request(command.request_ids)
                 for request_id in command.request_ids:
                     self._streams.pop(request_id, None)
+            elif isinstance(command, _Call):
+                try:
+                    command.future.set_result(command.fn(self.engine))
+                except Exception as exc:
+                    command.future.set_exception(exc)
 
     def _add(self, command: _Add) -> None:
         """Add the requests of one caller, all or none; a refusal goes back to the caller and
@@ -269,6 +290,8 @@ class AsyncLLMEngine:
                 break
             if isinstance(command, _Add):
                 command.stream._settle_threadsafe(error)
+            elif isinstance(command, _Call):
+                command.future.set_exception(error)
         for stream in set(self._streams.values()):
             stream._put_threadsafe([error])
         self._streams.clear()

@@ -82,6 +82,16 @@ class EngineMetrics:
             registry=self.registry,
         )
         self.success = {reason: success.labels(model_name, reason) for reason in FINISHED_REASONS}
+        self._model_name = model_name
+        #: vLLM's LoRA info: one series whose labels name the running and waiting adapters
+        #: (comma-separated) and max_lora, its value the time of the last change.
+        self.lora_info = Gauge(
+            PREFIX + "lora_requests_info",
+            "Running and waiting LoRA adapters (labels) and the time they were last seen.",
+            ["model_name", "max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=self.registry,
+        )
+        self._lora_labels: tuple[str, ...] | None = None
 
     @hookimpl
     def engine_started(self, engine: LLMEngine) -> None:
@@ -101,6 +111,17 @@ class EngineMetrics:
             self.ttft.observe(seconds)
         for seconds in stats.inter_token_latencies:
             self.itl.observe(seconds)
+        if self._engine is not None and self._engine.config.lora.enable_lora:
+            self._set_lora_info(stats.running_lora_adapters, stats.waiting_lora_adapters)
+
+    def _set_lora_info(self, running: list[str], waiting: list[str]) -> None:
+        """Keep a single series: the previous label set is removed when the adapters change."""
+        max_lora = str(self._engine.config.lora.max_loras)  # type: ignore[union-attr]
+        labels = (self._model_name, max_lora, ",".join(waiting), ",".join(running))
+        if labels != self._lora_labels and self._lora_labels is not None:
+            self.lora_info.remove(*self._lora_labels)
+        self._lora_labels = labels
+        self.lora_info.labels(*labels).set_to_current_time()
 
     @hookimpl
     def request_finished(self, output: RequestOutput | EmbeddingRequestOutput) -> None:

@@ -24,6 +24,8 @@ from pagedserve.server import chat, completions, tokens
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
 from pagedserve.server.middleware import CORSOptions, install_middleware, uvicorn_log_config
 from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, ModelList
+from pagedserve.server.lora import ServedAdapters
+from pagedserve.server.lora import router as lora_router
 from pagedserve.server.serving import ServerState, get_state
 
 logger = logging.getLogger(__name__)
@@ -63,8 +65,13 @@ async def version() -> dict[str, str]:
 
 
 def model_cards(state: ServerState) -> list[ModelCard]:
-    """The models this server answers to."""
-    return [ModelCard(id=state.model_name, root=state.model_path, max_model_len=state.max_model_len)]
+    """The models this server answers to: the base model, then each LoRA adapter (its parent)."""
+    cards = [ModelCard(id=state.model_name, root=state.model_path, max_model_len=state.max_model_len)]
+    for lora in (state.adapters.adapters.values() if state.adapters is not None else ()):
+        cards.append(
+            ModelCard(id=lora.lora_name, root=lora.lora_path, parent=state.model_name, max_model_len=state.max_model_len)
+        )
+    return cards
 
 
 @router.get("/v1/models")
@@ -95,11 +102,13 @@ def create_app(
     registry: CollectorRegistry,
     api_key: str | None = None,
     cors: CORSOptions | None = None,
+    adapters: ServedAdapters | None = None,
 ) -> FastAPI:
     """The server of a built engine; the app's lifespan starts and stops the engine thread.
     ``registry`` holds the metrics ``/metrics`` exports. Routers that plugins register
     (``register_routes``) are included after the built-in ones. CORS headers are sent only
-    when ``cors`` names origins."""
+    when ``cors`` names origins. ``adapters``: the LoRA adapters served as models (their
+    load/unload routes answer only with runtime updating on)."""
     llm_engine = engine.engine
     config = llm_engine.config
     model = config.model
@@ -117,6 +126,7 @@ def create_app(
         },
         registry=registry,
         api_key=api_key,
+        adapters=adapters,
     )
     if state.sampling_defaults:
         logger.info("sampling defaults from the model's generation_config.json: %s", state.sampling_defaults)
@@ -137,6 +147,8 @@ def create_app(
     install_middleware(app, cors)
     for built_in in (router, completions.router, chat.router, tokens.router):
         app.include_router(built_in)
+    if adapters is not None and adapters.runtime_updating:
+        app.include_router(lora_router)
     for entry in engine.plugins.registry("routes").entries():
         app.include_router(entry.load())
     return app
@@ -152,6 +164,7 @@ def run_server(
     port: int,
     api_key: str | None = None,
     cors: CORSOptions | None = None,
+    adapters: ServedAdapters | None = None,
     **uvicorn_args: Any,
 ) -> None:
     """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0)."""
@@ -166,5 +179,12 @@ def run_server(
     disable_created_metrics()  # as vLLM: no ``*_created`` series
     metrics = EngineMetrics(served_model_name(config))
     engine = AsyncLLMEngine(config, observers=[metrics])
-    app = create_app(engine, metrics.registry, api_key, cors)
+    if adapters is not None:
+        for lora in adapters.adapters.values():  # before the engine thread runs: checked at start-up
+            try:
+                engine.engine.lora_manager.add_adapter(lora)
+            except BaseException:
+                engine.shutdown()
+                raise
+    app = create_app(engine, metrics.registry, api_key, cors, adapters)
     uvicorn.run(app, host=host, port=port, log_config=uvicorn_log_config(), **uvicorn_args)

@@ -77,7 +77,7 @@ def _check_supported(body: ChatCompletionRequest) -> None:
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: Annotated[ServerState, Depends(get_state)]
 ) -> ChatCompletionResponse | Response:
-    state.check_model(body.model)
+    lora_request = state.check_model(body.model)
     state.check_request(body)
     _check_supported(body)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -86,7 +86,7 @@ async def create_chat_completion(
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = body.to_sampling_params(max_tokens, logprobs, None, state.sampling_defaults)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await state.add(request_id, [{"prompt_token_ids": ids}], params)
+    stream = await state.add(request_id, [{"prompt_token_ids": ids}], params, lora_request)
     if body.stream:
         return event_stream(stream, _chunks(body, state, request_id, stream))
     try:
@@ -107,7 +107,7 @@ async def create_chat_completion(
         for completion in output.outputs
     ]
     return ChatCompletionResponse(
-        id=request_id, model=state.model_name, choices=choices, usage=usage(outputs)
+        id=request_id, model=body.model or state.model_name, choices=choices, usage=usage(outputs)
     )
 
 
@@ -125,7 +125,7 @@ async def _chunks(
     created = int(time.time())
 
     def chunk(choice: ChatStreamChoice) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=[choice])
+        return ChatCompletionChunk(id=request_id, created=created, model=body.model or state.model_name, choices=[choice])
 
     for index in range(body.num_choices):
         yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
@@ -146,7 +146,7 @@ async def _chunks(
         yield ChatCompletionChunk(
             id=request_id,
             created=created,
-            model=state.model_name,
+            model=body.model or state.model_name,
             choices=[],
             usage=usage([finals[i] for i in stream.request_ids]),
         )

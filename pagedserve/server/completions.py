@@ -61,7 +61,7 @@ def _check_supported(body: CompletionRequest) -> None:
 async def create_completion(
     body: CompletionRequest, request: Request, state: Annotated[ServerState, Depends(get_state)]
 ) -> CompletionResponse | Response:
-    state.check_model(body.model)
+    lora_request = state.check_model(body.model)
     state.check_request(body)
     _check_supported(body)
     prompts = _prompts(body, state)
@@ -76,7 +76,7 @@ async def create_completion(
         for text, ids in prompts
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = await state.add(request_id, engine_prompts, params)
+    stream = await state.add(request_id, engine_prompts, params, lora_request)
     if body.stream:
         return event_stream(stream, _chunks(body, state, request_id, prompts, stream))
     try:
@@ -87,7 +87,7 @@ async def create_completion(
         return outputs
     return CompletionResponse(
         id=request_id,
-        model=state.model_name,
+        model=body.model or state.model_name,
         usage=usage(outputs),
         choices=_choices(body, state, prompts, outputs),
     )
@@ -147,9 +147,9 @@ async def _chunks(
             finish_reason=delta.finish_reason,
             stop_reason=delta.stop_reason,
         )
-        yield CompletionResponse(id=request_id, created=created, model=state.model_name, choices=[choice])
+        yield CompletionResponse(id=request_id, created=created, model=body.model or state.model_name, choices=[choice])
     if body.include_usage:
         outputs = [finals[engine_id] for engine_id in stream.request_ids]
         yield CompletionResponse(
-            id=request_id, created=created, model=state.model_name, choices=[], usage=usage(outputs)
+            id=request_id, created=created, model=body.model or state.model_name, choices=[], usage=usage(outputs)
         )

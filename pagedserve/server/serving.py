@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pagedserve.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from pagedserve.core.engine import PromptType
+from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.sampling import TokenLogprobs
 from pagedserve.core.sampling_params import SamplingParams
@@ -30,6 +31,9 @@ from pagedserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+
+if TYPE_CHECKING:
+    from pagedserve.server.lora import ServedAdapters
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,10 +59,16 @@ class ServerState:
     #: The metrics ``/metrics`` exports.
     registry: CollectorRegistry
     api_key: str | None = None
+    #: The LoRA adapters served as models (``--enable-lora``), or None.
+    adapters: ServedAdapters | None = None
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model")
+    def check_model(self, name: str | None) -> LoRARequest | None:
+        """The adapter the request's ``model`` names (None: the base model); 404 for others."""
+        if name is None or name == self.model_name:
+            return None
+        if self.adapters is not None and name in self.adapters.adapters:
+            return self.adapters.adapters[name]
+        raise APIError(404, f"The model `{name}` does not exist.", param="model")
 
     def check_request(self, body: SamplingRequest) -> None:
         if body.num_choices > self.max_num_seqs:
@@ -92,10 +102,13 @@ class ServerState:
                 param="max_tokens",
             )
 
-    async def add(self, request_id: str, prompts: list[PromptType], params: SamplingParams) -> RequestStream:
+    async def add(
+        self, request_id: str, prompts: list[PromptType], params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+    ) -> RequestStream:
         """Add one engine request per prompt (ids ``request_id-i``)."""
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
-        return await self.engine.add_requests(ids, prompts, params)
+        return await self.engine.add_requests(ids, prompts, params, lora_request)
 
     def token_text(self, token_id: int) -> str:
         """One token's own text, special tokens included (as in the engine's logprobs)."""
