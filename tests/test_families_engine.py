@@ -1,0 +1,72 @@
+"""Each new family through the engine against transformers: greedy tokens identical and logprobs
+within 1e-4 (fp32), with a token budget that chunks the prompts, a KV pool small enough to force
+preemption, and a later request that reuses a cached prefix.
+
+transformers runs once per finished sequence (teacher-forced): every generated token must be the
+argmax of its logits at that position, which is what its greedy ``generate`` would pick, and the
+logprobs come from the same forward. One forward instead of one per token keeps this cheap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_vs_hf import PROMPTS
+from test_families_vs_hf import GEMMA2, QWEN3_MOE
+from transformers import AutoModelForCausalLM
+
+from pagedserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 16
+FAMILIES = {
+    "qwen2-windowed": (
+        "Qwen2ForCausalLM",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+    ),
+    "qwen3-tied": ("Qwen3ForCausalLM", {"tie_word_embeddings": True}),
+    "phi3": ("Phi3ForCausalLM", {}),
+    "gemma2": ("Gemma2ForCausalLM", {**GEMMA2, "sliding_window": 8}),
+    "mixtral-top2": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3moe-top1": ("Qwen3MoeForCausalLM", {**QWEN3_MOE, "num_experts_per_tok": 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_greedy_and_logprobs_match_transformers_under_pressure(tiny_model, name: str) -> None:
+    architecture, overrides = FAMILIES[name]
+    model_dir = tiny_model(architecture, **overrides)
+    shared = PROMPTS[1][:80]
+    # Three at once (chunked, preempted), then two sharing a prefix: the second is served from it.
+    prompts = [PROMPTS[1], PROMPTS[3][:60], PROMPTS[0], shared + " a", shared + " b"]
+    llm = LLM(
+        str(model_dir),
+        dtype="float32",
+        max_num_batched_tokens=16,  # the first two prompts are prefilled in chunks
+        max_num_seqs=4,
+        block_size=4,
+        num_kv_blocks=20,  # the longest request alone needs 16 blocks, the first three 36
+        enable_prefix_caching=True,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    outputs = llm.generate(prompts[:3], params, use_tqdm=False)
+    outputs += llm.generate(prompts[3:4], params, use_tqdm=False)
+    outputs += llm.generate(prompts[4:], params, use_tqdm=False)
+
+    assert llm.engine.scheduler.num_preemptions_total > 0
+    assert outputs[-1].num_cached_tokens >= 16
+    assert llm.engine.kv_cache.num_used_blocks == 0
+
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for out in outputs:
+        completion = out.outputs[0]
+        assert len(completion.token_ids) == MAX_TOKENS
+        ids = out.prompt_token_ids + completion.token_ids
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids])).logits[0].float()
+        n_prompt = len(out.prompt_token_ids)
+        rows = logits[n_prompt - 1 : -1]
+        assert completion.token_ids == rows.argmax(-1).tolist()
+        reference = torch.log_softmax(rows, dim=-1)
+        for i, token in enumerate(completion.token_ids):
+            assert completion.logprobs[i][token].logprob == pytest.approx(reference[i, token].item(), abs=1e-4)

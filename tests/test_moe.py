@@ -1,0 +1,135 @@
+"""The fused MoE layer: routing, the torch path (tokens grouped by expert) against a plain loop
+over tokens, and the Triton kernel against the torch path (interpreted on the CPU, in the kernel
+worker, as ``test_triton_kernels.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedserve.plugins.moe import FusedMoE, route_top_k
+from pagedserve.plugins.moe.layer import grouped_experts
+from triton_worker import KernelWorker
+
+HERE = __name__
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+TOLERANCE = {"float32": 1e-5, "float16": 5e-3}
+
+
+def per_token_reference(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """Each token through each of its experts, one at a time, in float64."""
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    intermediate = w2.shape[2]
+    for t in range(hidden.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            gate_up = w13[e].double() @ hidden[t].double()
+            act = F.silu(gate_up[:intermediate]) * gate_up[intermediate:]
+            out[t] += weights[t, slot].double() * (w2[e].double() @ act)
+    return out
+
+
+def make_inputs(
+    num_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=generator)
+    w13 = torch.randn(num_experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, intermediate, generator=generator) / intermediate**0.5
+    logits = torch.randn(num_tokens, num_experts, generator=generator) * 2
+    weights, ids = route_top_k(logits, top_k, renormalize=True)
+    return x, w13, w2, weights, ids
+
+
+def test_routing_picks_the_top_k_and_renormalizes() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0], [3.0, 0.0, 0.0, 3.5]])
+    weights, ids = route_top_k(logits, 2, renormalize=True)
+    assert ids.tolist() == [[1, 2], [3, 0]]
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    raw, _ = route_top_k(logits, 2, renormalize=False)
+    torch.testing.assert_close(raw, torch.softmax(logits, -1).topk(2).values)
+
+
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 1), (7, 2), (33, 3)])
+def test_grouped_torch_path_matches_a_loop_over_tokens(num_tokens: int, top_k: int) -> None:
+    x, w13, w2, weights, ids = make_inputs(num_tokens, 6, top_k, 16, 24, seed=num_tokens)
+    out = grouped_experts(x, w13, w2, weights, ids, F.silu)
+    torch.testing.assert_close(out.double(), per_token_reference(x, w13, w2, weights, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_loads_expert_by_expert_and_refuses_quantization() -> None:
+    layer = FusedMoE(3, 2, 8, 4, prefix="model.layers.0.mlp.experts")
+    gate, up, down = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 4)
+    layer.weight_loader(layer.w13_weight, gate, 2, 0)
+    layer.weight_loader(layer.w13_weight, up, 2, 1)
+    layer.weight_loader(layer.w2_weight, down, 2, None)
+    torch.testing.assert_close(layer.w13_weight[2], torch.cat([gate, up]))
+    torch.testing.assert_close(layer.w2_weight[2], down)
+    with pytest.raises(ValueError, match="expert 3 of 3"):
+        layer.weight_loader(layer.w2_weight, down, 3, None)
+    assert len(layer.needed_shards("w13_weight")) == 6
+
+    class FakeFormat:
+        name = "awq"
+
+    with pytest.raises(ValueError, match="experts.*quantization 'awq'.*unquantized checkpoint"):
+        FusedMoE(3, 2, 8, 4, quant_config=FakeFormat(), prefix="model.layers.0.mlp.experts")  # type: ignore[arg-type]
+
+
+def case_fused_moe(
+    dtype: str, num_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int, seed: int = 0
+) -> dict[str, Any]:
+    """The Triton kernel against the torch path (float32, the same rounded inputs)."""
+    from pagedserve.plugins.moe import triton_moe
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w13, w2, weights, ids = make_inputs(num_tokens, num_experts, top_k, hidden, intermediate, seed)
+    x, w13, w2 = (t.to(DTYPES[dtype]) for t in (x, w13, w2))
+    out = triton_moe.fused_experts(x.to(device), w13.to(device), w2.to(device), weights.to(device), ids.to(device))
+    expected = grouped_experts(x.float(), w13.float(), w2.float(), weights, ids, F.silu)
+    sorted_ids, block_experts = triton_moe.align_by_expert(ids, num_experts)
+    valid = sorted_ids[sorted_ids < ids.numel()]
+    blocks_ok = all(
+        int(ids.flatten()[pair]) == int(block_experts[slot // triton_moe.BLOCK_M])
+        for slot, pair in enumerate(sorted_ids.tolist())
+        if pair < ids.numel()
+    )
+    diff = (out.cpu().float() - expected).abs().max().item()
+    return {
+        "rel_err": diff / expected.abs().max().item(),
+        "every_pair_once": sorted(valid.tolist()) == list(range(ids.numel())),
+        "blocks_one_expert": blocks_ok,
+    }
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[KernelWorker]:
+    kernel_worker = KernelWorker()
+    yield kernel_worker
+    kernel_worker.close()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "num_tokens", "num_experts", "top_k", "hidden", "intermediate"),
+    [
+        ("float32", 1, 4, 1, 32, 48),  # a single decode token, top-1
+        ("float32", 37, 8, 2, 64, 96),  # uneven expert loads, sizes off the block grid
+        ("float16", 20, 4, 2, 64, 64),
+        ("float32", 5, 16, 4, 32, 32),  # more experts than tokens: most get none
+    ],
+)
+def test_triton_fused_moe_matches_the_torch_path(
+    worker: KernelWorker, dtype: str, num_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int
+) -> None:
+    case = {"num_tokens": num_tokens, "num_experts": num_experts, "top_k": top_k, "hidden": hidden,
+            "intermediate": intermediate}  # fmt: skip
+    result = worker.run(HERE, "fused_moe", dtype=dtype, **case)
+    print(f"{case} {dtype}: rel_err={result['rel_err']:.2e}")
+    assert result["every_pair_once"] and result["blocks_one_expert"]
+    assert result["rel_err"] < TOLERANCE[dtype]
