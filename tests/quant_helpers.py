@@ -85,6 +85,8 @@ def dense_reference(folder: Path, dequantize, quantized: set[str] | None = None)
         if module in quantized:
             if kind in ("qweight", "weight"):
                 state[f"{module}.weight"] = dequantize(tensors, module)
+            elif kind == "bias":  # a quantized layer keeps its bias dense (Qwen2's q/k/v)
+                state[name] = tensor.float()
         else:
             state[name] = tensor.float()
     config_dict = json.loads((folder / "config.json").read_text())
