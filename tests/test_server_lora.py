@@ -83,6 +83,8 @@ def test_models_lists_the_adapters_with_their_parent(client, setup) -> None:
     assert set(cards) == {base, "a", "b"}
     assert cards["a"].parent == base and cards["b"].parent == base and cards[base].parent is None
     assert cards["a"].root == str(setup["a"])
+    retrieved = client.models.retrieve("a")  # GET /v1/models/{id} knows adapters too
+    assert retrieved.id == "a" and retrieved.parent == base and retrieved.root == str(setup["a"])
 
 
 def test_model_name_selects_the_adapter(client, llm, setup) -> None:
