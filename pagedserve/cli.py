@@ -206,17 +206,23 @@ def default_model() -> str | None:
               help="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --lora-root).")
 @click.option("--lora-root", "lora_roots", multiple=True, metavar="DIR",
               help="A folder runtime-loaded adapters may come from (repeatable).")
+@click.option("--enable-auto-tool-choice", is_flag=True,
+              help='Serve tool_choice="auto" (needs --tool-call-parser).')
+@click.option("--tool-call-parser", default=None,
+              help="The parser of auto tool calls: hermes, llama3_json or a plugin's.")
 def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,
           served_model_name: str | None, gpu_memory_utilization: float, tensor_parallel_size: int,
           quantization: str | None, allowed_origins: list[str] | None, allowed_methods: list[str],
           allowed_headers: list[str], allow_credentials: bool, lora_modules: tuple[str, ...],
-          enable_lora_runtime_updating: bool, lora_roots: tuple[str, ...], **kwargs: Any) -> None:
+          enable_lora_runtime_updating: bool, lora_roots: tuple[str, ...], enable_auto_tool_choice: bool,
+          tool_call_parser: str | None, **kwargs: Any) -> None:
     """Serve MODEL with an OpenAI-compatible HTTP API until SIGINT or SIGTERM."""
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.loader import ModelLoadError
     from pagedserve.core.plugins import PluginError
     from pagedserve.server.app import run_server
     from pagedserve.server.middleware import CORSOptions
+    from pagedserve.server.tools import ToolOptions
 
     if model_argument and model and model_argument != model:
         raise click.UsageError(f"MODEL ({model_argument}) and --model ({model}) differ; give one")
@@ -237,7 +243,8 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
         adapters = lora_adapters_from_flags(
             served_model_name or model, lora_modules, kwargs["enable_lora"], enable_lora_runtime_updating, lora_roots
         )
-        run_server(config, host, port, api_key, cors, adapters, log_level=logging.getLogger().getEffectiveLevel())
+        tools = ToolOptions(enable_auto_tool_choice, tool_call_parser)
+        run_server(config, host, port, api_key, cors, adapters, tools, log_level=logging.getLogger().getEffectiveLevel())
     except (ValueError, ModelLoadError, PluginError) as exc:
         raise click.ClickException(str(exc)) from exc
 

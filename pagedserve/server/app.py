@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_cr
 from pagedserve import __version__
 from pagedserve.core.async_engine import AsyncLLMEngine
 from pagedserve.core.config import EngineConfig
+from pagedserve.core.plugins import get_plugin_manager
 from pagedserve.core.tokenizer import load_tokenizer
 from pagedserve.server import chat, completions, tokens
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
@@ -27,6 +28,7 @@ from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, Mode
 from pagedserve.server.lora import ServedAdapters
 from pagedserve.server.lora import router as lora_router
 from pagedserve.server.serving import ServerState, get_state
+from pagedserve.server.tools import ToolOptions, check_tool_options, load_tool_parser
 
 logger = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
@@ -103,6 +105,7 @@ def create_app(
     api_key: str | None = None,
     cors: CORSOptions | None = None,
     adapters: ServedAdapters | None = None,
+    tools: ToolOptions | None = None,
 ) -> FastAPI:
     """The server of a built engine; the app's lifespan starts and stops the engine thread.
     ``registry`` holds the metrics ``/metrics`` exports. Routers that plugins register
@@ -128,6 +131,7 @@ def create_app(
         api_key=api_key,
         adapters=adapters,
     )
+    state.tool_parser = load_tool_parser(tools or ToolOptions(), engine.plugins, state.tokenizer)
     if state.sampling_defaults:
         logger.info("sampling defaults from the model's generation_config.json: %s", state.sampling_defaults)
 
@@ -165,6 +169,7 @@ def run_server(
     api_key: str | None = None,
     cors: CORSOptions | None = None,
     adapters: ServedAdapters | None = None,
+    tools: ToolOptions | None = None,
     **uvicorn_args: Any,
 ) -> None:
     """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0)."""
@@ -178,6 +183,8 @@ def run_server(
         signal.signal(sig, _exit_cleanly)
     disable_created_metrics()  # as vLLM: no ``*_created`` series
     metrics = EngineMetrics(served_model_name(config))
+    tools = tools or ToolOptions()
+    check_tool_options(tools, get_plugin_manager())  # before the model loads
     engine = AsyncLLMEngine(config, observers=[metrics])
     if adapters is not None:
         for lora in adapters.adapters.values():  # before the engine thread runs: checked at start-up
@@ -186,5 +193,5 @@ def run_server(
             except BaseException:
                 engine.shutdown()
                 raise
-    app = create_app(engine, metrics.registry, api_key, cors, adapters)
+    app = create_app(engine, metrics.registry, api_key, cors, adapters, tools)
     uvicorn.run(app, host=host, port=port, log_config=uvicorn_log_config(), **uvicorn_args)

@@ -1,5 +1,6 @@
 """``POST /v1/chat/completions``: the messages through the model's chat template, one request
-with ``n`` choices; streams start with a role delta per choice, as OpenAI's do."""
+with ``n`` choices; streams start with a role delta per choice, as OpenAI's do. Structured
+output and tool calls: ``server/structured.py`` and ``server/tools.py``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from jinja2 import TemplateError
 
 from pagedserve.core.async_engine import RequestStream
 from pagedserve.core.outputs import RequestOutput
+from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.tokenizer import apply_chat_template
+from pagedserve.plugins.structured.tool_parsers import ExtractedToolCalls, ToolParser
 from pagedserve.server.errors import APIError
 from pagedserve.server.protocol import (
     AssistantMessage,
@@ -22,10 +25,12 @@ from pagedserve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatCompletionTool,
     ChatMessage,
     ChatStreamChoice,
     ChoiceLogprobs,
     DeltaMessage,
+    ToolChoice,
 )
 from pagedserve.server.serving import (
     ServerState,
@@ -36,6 +41,16 @@ from pagedserve.server.serving import (
     unless_disconnected,
     usage,
 )
+from pagedserve.server.structured import schema_error, structured_outputs_params
+from pagedserve.server.tools import (
+    ToolCallStream,
+    extract_tool_calls,
+    finish_reason,
+    resolve_tool_choice,
+    template_messages,
+    tool_calls,
+    tool_grammar,
+)
 
 router = APIRouter()
 
@@ -45,14 +60,19 @@ def render_chat(
     messages: list[ChatMessage],
     add_generation_prompt: bool,
     chat_template_kwargs: dict | None,
+    tools: list[ChatCompletionTool] | None = None,
 ) -> list[int]:
-    """The token ids of the conversation through the chat template; 400 when it cannot render."""
+    """The token ids of the conversation through the chat template; 400 when it cannot render.
+    Tools go to the template as ``tools`` (a template that knows none ignores them)."""
+    kwargs = dict(chat_template_kwargs or {})
+    if tools:
+        kwargs.setdefault("tools", [tool.model_dump(exclude_none=True) for tool in tools])
     try:
         return apply_chat_template(
             state.tokenizer,
-            [m.model_dump(exclude_none=True) for m in messages],
+            template_messages([m.model_dump(exclude_none=True) for m in messages]),
             add_generation_prompt=add_generation_prompt,
-            **(chat_template_kwargs or {}),
+            **kwargs,
         )
     except TemplateError as exc:
         raise APIError(
@@ -61,16 +81,39 @@ def render_chat(
 
 
 def _check_supported(body: ChatCompletionRequest) -> None:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format {body.response_format.type!r} is not supported; only 'text'",
-            param="response_format",
-        )
-    if body.tools:
-        raise APIError(400, "tools are not supported", param="tools")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+
+
+def _tool_choice(body: ChatCompletionRequest, state: ServerState) -> ToolChoice:
+    choice = resolve_tool_choice(body.tools, body.tool_choice)
+    if choice == "auto" and body.tools and state.tool_parser is None:
+        if body.tool_choice is None:
+            return "none"  # tools given without a choice, and no parser: as vLLM, plain text
+        raise APIError(
+            400,
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            param="tool_choice",
+        )
+    return choice
+
+
+def _sampling_params(
+    body: ChatCompletionRequest, state: ServerState, choice: ToolChoice, max_tokens: int | None
+) -> tuple[SamplingParams, str | None]:
+    """The engine's parameters, with the constraint of the request or of its tool choice, and
+    the request field the constraint came from."""
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    structured, source = structured_outputs_params(body)
+    forced = tool_grammar(body.tools or [], choice, body.parallel_tool_calls)
+    if forced is not None:
+        if structured is not None:
+            raise APIError(400, f"{source} cannot be combined with tool_choice {choice!r}", param=source)
+        structured, source = forced, "tools"
+    params = body.to_sampling_params(max_tokens, logprobs, None, state.sampling_defaults, structured)
+    if choice == "auto" and state.tool_parser is not None:
+        params.skip_special_tokens = body.skip_special_tokens and state.tool_parser.skip_special_tokens
+    return params, source
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -80,15 +123,20 @@ async def create_chat_completion(
     lora_request = state.check_model(body.model)
     state.check_request(body)
     _check_supported(body)
+    choice = _tool_choice(body, state)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    tools = body.tools if choice != "none" else None
+    ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs, tools)
     state.check_length(len(ids), max_tokens)
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = body.to_sampling_params(max_tokens, logprobs, None, state.sampling_defaults)
+    params, source = _sampling_params(body, state, choice, max_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = await state.add(request_id, [{"prompt_token_ids": ids}], params, lora_request)
+    try:
+        stream = await state.add(request_id, [{"prompt_token_ids": ids}], params, lora_request)
+    except ValueError as exc:
+        raise schema_error(exc, source) or exc
+    parser = state.tool_parser if choice == "auto" else None
     if body.stream:
-        return event_stream(stream, _chunks(body, state, request_id, stream))
+        return event_stream(stream, _chunks(body, state, request_id, stream, choice, parser))
     try:
         outputs = await unless_disconnected(request, collect(stream))
     finally:
@@ -96,16 +144,18 @@ async def create_chat_completion(
     if isinstance(outputs, Response):
         return outputs
     (output,) = outputs
-    choices = [
-        ChatCompletionChoice(
-            index=completion.index,
-            message=AssistantMessage(content=completion.text),
-            logprobs=_logprobs(body, state, completion.token_ids, completion.logprobs),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
+    choices = []
+    for completion in output.outputs:
+        extracted = extract_tool_calls(completion.text, choice, parser)
+        choices.append(
+            ChatCompletionChoice(
+                index=completion.index,
+                message=AssistantMessage(content=extracted.content, tool_calls=tool_calls(extracted) or []),
+                logprobs=_logprobs(body, state, completion.token_ids, completion.logprobs),
+                finish_reason=finish_reason(completion.finish_reason, choice, extracted),
+                stop_reason=completion.stop_reason,
+            )
         )
-        for completion in output.outputs
-    ]
     return ChatCompletionResponse(
         id=request_id, model=body.model or state.model_name, choices=choices, usage=usage(outputs)
     )
@@ -120,7 +170,12 @@ def _logprobs(
 
 
 async def _chunks(
-    body: ChatCompletionRequest, state: ServerState, request_id: str, stream: RequestStream
+    body: ChatCompletionRequest,
+    state: ServerState,
+    request_id: str,
+    stream: RequestStream,
+    choice: ToolChoice,
+    parser: ToolParser | None,
 ) -> AsyncIterator[ChatCompletionChunk]:
     created = int(time.time())
 
@@ -130,15 +185,18 @@ async def _chunks(
     for index in range(body.num_choices):
         yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
     finals: dict[str, RequestOutput] = {}
+    calls = {index: ToolCallStream(choice, parser) for index in range(body.num_choices)}
     async for delta in choice_deltas(stream, body.num_choices, finals):
-        if not delta.text and delta.finish_reason is None and not body.logprobs:
-            continue  # text held back (a possible stop string) and no logprobs to send
+        content, call_deltas = calls[delta.index].feed(delta.text, delta.finish_reason is not None)
+        if not content and not call_deltas and delta.finish_reason is None and not body.logprobs:
+            continue  # text held back (a possible stop string or call) and no logprobs to send
+        extracted = ExtractedToolCalls(None, calls[delta.index].calls)
         yield chunk(
             ChatStreamChoice(
                 index=delta.index,
-                delta=DeltaMessage(content=delta.text or None),
+                delta=DeltaMessage(content=content, tool_calls=call_deltas or None),
                 logprobs=_logprobs(body, state, delta.token_ids, delta.logprobs),
-                finish_reason=delta.finish_reason,
+                finish_reason=finish_reason(delta.finish_reason, choice, extracted),
                 stop_reason=delta.stop_reason,
             )
         )

@@ -25,6 +25,7 @@ from pagedserve.server.serving import (
     unless_disconnected,
     usage,
 )
+from pagedserve.server.structured import schema_error, structured_outputs_params
 
 router = APIRouter()
 #: A prompt as given (its text, when it was text) and its token ids.
@@ -68,15 +69,19 @@ async def create_completion(
     for _, ids in prompts:
         state.check_length(len(ids), body.max_tokens)
     echo_logprobs = body.logprobs if body.echo else None
+    structured, source = structured_outputs_params(body)
     params = body.to_sampling_params(
-        body.max_tokens, body.logprobs, echo_logprobs, state.sampling_defaults
+        body.max_tokens, body.logprobs, echo_logprobs, state.sampling_defaults, structured
     )
     engine_prompts: list[PromptType] = [
         {"prompt": text, "prompt_token_ids": ids} if text is not None else {"prompt_token_ids": ids}
         for text, ids in prompts
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    stream = await state.add(request_id, engine_prompts, params, lora_request)
+    try:
+        stream = await state.add(request_id, engine_prompts, params, lora_request)
+    except ValueError as exc:
+        raise schema_error(exc, source) or exc
     if body.stream:
         return event_stream(stream, _chunks(body, state, request_id, prompts, stream))
     try:

@@ -23,6 +23,7 @@ from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.sampling import TokenLogprobs
 from pagedserve.core.sampling_params import SamplingParams
+from pagedserve.plugins.structured.tool_parsers import ToolParser
 from pagedserve.server.errors import APIError, error_body
 from pagedserve.server.protocol import (
     CompletionLogProbs,
@@ -61,6 +62,8 @@ class ServerState:
     api_key: str | None = None
     #: The LoRA adapters served as models (``--enable-lora``), or None.
     adapters: ServedAdapters | None = None
+    #: The parser of ``tool_choice="auto"`` (``--enable-auto-tool-choice --tool-call-parser``).
+    tool_parser: ToolParser | None = None
 
     def check_model(self, name: str | None) -> LoRARequest | None:
         """The adapter the request's ``model`` names (None: the base model); 404 for others."""
