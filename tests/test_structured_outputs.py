@@ -217,3 +217,21 @@ def test_a_compiling_grammar_holds_only_its_own_request(llm: LLM, monkeypatch) -
             if output.finished:
                 finished[output.request_id] = output
     Person.model_validate_json(finished["slow"].outputs[0].text)
+
+
+def test_speculative_decoding_composes_with_constraints(llm: LLM, model_dir) -> None:
+    """n-gram proposals are verified under the grammar: greedy constrained outputs equal those
+    without speculation, and sampled ones validate."""
+    spec = LLM(
+        str(model_dir), dtype="float32", max_model_len=256,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                            "disable_by_batch_size": 0},
+    )
+    greedy = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=structured(json=SCHEMA))
+    prompts = [p + ' {"name": "ab", "age": 1, "role": "user"}' for p in PROMPTS[:4]]  # n-gram fodder
+    speculated = spec.generate(prompts, greedy, use_tqdm=False)
+    assert texts(speculated) == texts(llm.generate(prompts, greedy, use_tqdm=False))
+    assert sum(o.metrics["spec_num_accepted_tokens"] for o in speculated) > 0
+    sampled = greedy.clone(temperature=1.0, seed=5, max_tokens=120)
+    for output in spec.generate(prompts, sampled, use_tqdm=False):
+        Person.model_validate_json(output.outputs[0].text)

@@ -17,11 +17,12 @@ import threading
 import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from pagedserve.core.rejection_sampler import DraftPosition
 from pagedserve.core.request import Request
 from pagedserve.core.sampling import LogitsProcessor, SamplingBatch
 
@@ -44,11 +45,13 @@ JSON_KINDS = ("json", "json_object")
 
 @dataclass
 class _RowState:
-    """A sequence's matcher and how many of its output tokens it has accepted."""
+    """A sequence's matcher, how many of its output tokens it has accepted, and the proposed
+    (speculative) tokens it holds beyond them during one step's verification."""
 
     matcher: Any
     accepted: int = 0
     broken: bool = False
+    speculated: list[int] = field(default_factory=list)
 
 
 class StructuredOutputsProcessor(LogitsProcessor):
@@ -119,12 +122,23 @@ class StructuredOutputsProcessor(LogitsProcessor):
         if self._bitmask is None or self._bitmask.shape[0] < len(batch):
             self._bitmask = xgr.allocate_token_bitmask(len(batch), self.vocab_size)
         bitmask = self._bitmask
+        speculating: list[_RowState] = []
         for row in rows:
-            state = self._state(batch.requests[row])
-            if state.broken or state.matcher.is_terminated():
+            view = batch.requests[row]
+            # Speculative verification: a row is the request extended by some proposals.
+            request = view._request if isinstance(view, DraftPosition) else view
+            state = self._state(request)
+            proposals = view.output_token_ids[len(request.output_token_ids) :]
+            if proposals or state.speculated:
+                speculating.append(state)
+            if state.broken or not self._speculate(state, proposals) or state.matcher.is_terminated():
                 self._only_stop_tokens(bitmask, row)
             else:
                 state.matcher.fill_next_token_bitmask(bitmask, row)
+        for state in speculating:  # back to the accepted tokens; the next step advances them
+            if state.speculated:
+                state.matcher.rollback(len(state.speculated))
+                state.speculated = []
         json_rows = [row for row in rows if batch.params[row].structured_outputs.kind in JSON_KINDS]
         if json_rows:
             bitmask[json_rows] &= self._no_control_bytes
@@ -155,6 +169,21 @@ class StructuredOutputsProcessor(LogitsProcessor):
                 )
                 state.broken = True
         return state
+
+    @staticmethod
+    def _speculate(state: _RowState, proposals: list[int]) -> bool:
+        """Bring the matcher to the accepted tokens plus ``proposals``; False when the grammar
+        rejects one (the row's mask then does not matter: verification stops at that proposal,
+        whose own row masked it)."""
+        held = state.speculated
+        if held != proposals[: len(held)]:
+            state.matcher.rollback(len(held))
+            state.speculated = held = []
+        for token in proposals[len(held) :]:
+            if state.matcher.is_terminated() or not state.matcher.accept_token(token):
+                return False
+            held.append(token)
+        return True
 
     def _compiled_grammar(self, request: Request) -> Any:
         params = request.sampling_params.structured_outputs
