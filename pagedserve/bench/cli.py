@@ -30,9 +30,15 @@ def bench() -> None:
 @click.option("--warmup-prompts", type=int, default=0,
               help="First run this many other prompts of the same lengths through each system, unmeasured.")
 @click.option("--profile", is_flag=True, help="Print the engine run's top functions (cProfile).")
+@click.option("--num-loras", default=None, metavar="N[,N...]",
+              help="Also run the workload spread over N random LoRA adapters (e.g. 1,4,8), against the base alone.")
+@click.option("--lora-rank", type=int, default=8, show_default=True, help="The rank of the --num-loras adapters.")
+@click.option("--compare-merged", is_flag=True,
+              help="With --num-loras: also merge each adapter into the weights and serve them one after another.")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
                sequential_prompts: int | None, baseline_dtype: str | None, warmup_prompts: int, profile: bool,
+               num_loras: str | None, lora_rank: int, compare_merged: bool,
                output_json: str | None, **kwargs: Any) -> None:
     """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths).
 
@@ -49,6 +55,10 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     model = model or default_model()
     if model is None:
         raise click.UsageError("give --model")
+    if num_loras is not None:
+        _lora_throughput(model, kwargs, num_loras, lora_rank, compare_merged, lengths, num_prompts,
+                         workload_seed, output_json)
+        return
     engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
     workload = make_workload(lengths, num_prompts, engine.vocab_size, engine.max_model_len, workload_seed)
     warmup = make_workload(lengths, warmup_prompts, engine.vocab_size, engine.max_model_len, workload_seed + 1)
@@ -102,6 +112,31 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
                     "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}
         path = write_result(output_json, "throughput", settings, results, str(engine.runner.device))
         click.echo(f"wrote {path}")
+
+
+def _lora_throughput(model: str, kwargs: dict[str, Any], num_loras: str, rank: int, compare_merged: bool,
+                     lengths: str, num_prompts: int, workload_seed: int, output_json: str | None) -> None:
+    from pagedserve.bench.lora import run_lora_benchmark
+    from pagedserve.bench.report import format_table, write_result
+    from pagedserve.bench.workload import make_workload
+    from pagedserve.core.loader import get_model_max_len, load_hf_config, resolve_model_path
+
+    try:
+        counts = sorted({int(n) for n in num_loras.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"{num_loras!r} is not a comma-separated list of counts", param_hint="--num-loras")
+    if counts[0] < 1:
+        raise click.BadParameter("adapter counts must be at least 1", param_hint="--num-loras")
+    path = resolve_model_path(model, None)
+    hf_config = load_hf_config(path)
+    max_len = kwargs["max_model_len"] or get_model_max_len(hf_config)
+    workload = make_workload(lengths, num_prompts, int(hf_config.vocab_size), max_len, workload_seed)
+    results = run_lora_benchmark(path, engine_args(kwargs), workload, counts, rank, compare_merged)
+    click.echo(format_table([(k, v) for k, v in results.items() if not isinstance(v, list)]))
+    if output_json:
+        settings = {"model": model, "num_prompts": num_prompts, "lengths": lengths, "workload_seed": workload_seed,
+                    "num_loras": counts, "lora_rank": rank, "compare_merged": compare_merged, **engine_args(kwargs)}
+        click.echo(f"wrote {write_result(output_json, 'throughput-lora', settings, results, 'cpu')}")
 
 
 @bench.command()

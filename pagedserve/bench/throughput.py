@@ -12,6 +12,7 @@ from pagedserve.bench.roofline import roofline
 from pagedserve.bench.workload import BenchRequest
 from pagedserve.core.engine import LLMEngine, StepStats
 from pagedserve.core.hookspecs import hookimpl
+from pagedserve.core.lora import LoRARequest
 from pagedserve.core.model_runner import ModelRunner
 from pagedserve.core.sampling_params import SamplingParams
 
@@ -37,8 +38,11 @@ class StepRecorder:
         self.slots_contiguous += len(running) * self.engine.max_model_len
 
 
-def run_throughput(engine: LLMEngine, workload: list[BenchRequest]) -> dict[str, Any]:
-    """Generate every request of ``workload`` (greedy, ``ignore_eos`` so lengths are exact)."""
+def run_throughput(
+    engine: LLMEngine, workload: list[BenchRequest], lora_requests: list[LoRARequest | None] | None = None
+) -> dict[str, Any]:
+    """Generate every request of ``workload`` (greedy, ``ignore_eos`` so lengths are exact),
+    request i with ``lora_requests[i]`` when given."""
     recorder = StepRecorder(engine)
     name = f"bench-recorder-{id(recorder)}"
     engine.plugins.pm.register(recorder, name=name)
@@ -46,7 +50,8 @@ def run_throughput(engine: LLMEngine, workload: list[BenchRequest]) -> dict[str,
         start = time.perf_counter()
         for i, request in enumerate(workload):
             params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
-            engine.add_request(f"bench-{i}", {"prompt_token_ids": request.prompt_token_ids}, params)
+            lora = lora_requests[i] if lora_requests else None
+            engine.add_request(f"bench-{i}", {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora)
         output_tokens = 0
         while engine.has_unfinished_requests():
             for output in engine.step():
