@@ -7,9 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?= -n 2
 
+CHROMIUM ?= /usr/bin/chromium
+
 .PHONY: setup test test-fast serve clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(CHROMIUM)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[server,test,triton]'
 	touch $@
+
+## Debian's chromium, for the dashboard test in a real headless browser (which skips without it).
+$(CHROMIUM):
+	-if command -v apt-get >/dev/null; then \
+		apt-get install -y -q chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium >/dev/null); \
+	fi
 
 ## The whole test suite.
 test: setup
