@@ -99,6 +99,19 @@ def test_plan_command_text_json_and_a_bare_config(tmp_path: Path) -> None:
     assert from_file["bandwidth_source"] == "given" and set(from_file["cost_per_million_output_tokens"]) == {"on_demand"}
 
 
+def test_a_quantized_config_is_planned_as_the_checkpoint_quantize_makes(tmp_path: Path) -> None:
+    from pagedserve.plan.estimate import QUANTIZED_CHECKPOINTS
+    from pagedserve.plan.shapes import BUILTIN_SHAPES
+
+    config = tmp_path / "config.json"
+    values = {**BUILTIN_SHAPES["mistralai/Mistral-7B-v0.1"], "quantization_config": QUANTIZED_CHECKPOINTS["awq"]}
+    config.write_text(json.dumps(values))
+    checkpoint = make_plan(PlanRequest(str(config), max_model_len=4096))
+    forced = make_plan(PlanRequest("Mistral-7B", quantization="awq", max_model_len=4096))
+    assert checkpoint["quantization"] == forced["quantization"] == "awq"
+    assert checkpoint["weight_bytes"] == forced["weight_bytes"] and checkpoint["num_parameters"] == forced["num_parameters"]
+
+
 def test_plan_command_refuses_bad_input() -> None:
     for args, message in [
         (["plan", "no-such-model"], "built-in shape"),
@@ -116,11 +129,11 @@ def test_cpu_plan_predicts_the_engine_and_bench_throughput(tmp_path: Path) -> No
     """The bundled model on the CPU: the plan's KV capacity is the engine's, and its roofline at
     the workload is within 25% of the roofline ``bench throughput`` reports for that workload."""
     output = tmp_path / "bench.json"
-    run_cli("bench", "throughput", "--num-prompts", "8", "--lengths", "fixed:32,16", "--max-num-seqs", "8",
-            "--output-json", str(output))
+    small = ["--max-num-seqs", "8", "--max-num-batched-tokens", "256"]  # a cheap warm-up
+    run_cli("bench", "throughput", "--num-prompts", "8", "--lengths", "fixed:32,16", *small, "--output-json", str(output))
     bench = json.loads(output.read_text())["results"]
     plan = json.loads(run_cli(
-        "plan", "pagedserve/tiny-py", "--device", "cpu", "--max-num-seqs", "8", "--input-len", "32",
+        "plan", "pagedserve/tiny-py", "--device", "cpu", *small, "--input-len", "32",
         "--output-len", "16", "--bandwidth", str(bench["copy_bandwidth_gb_per_s"]), "--json",
     ))
     assert plan["kv_tokens"] == bench["kv_capacity_tokens"]
@@ -130,7 +143,8 @@ def test_cpu_plan_predicts_the_engine_and_bench_throughput(tmp_path: Path) -> No
     predicted = plan["decode_tokens_per_s"]["memory_roofline_full_concurrency"]
     assert predicted == pytest.approx(bench["roofline_output_tokens_per_s"], rel=0.25)
     # The engine's own sizing with other settings: what the plan predicts, block for block.
-    engine = LLMEngine(engine_config_from_args("pagedserve/tiny-py", max_model_len=256, max_num_seqs=12, block_size=8))
+    engine = LLMEngine(engine_config_from_args(
+        "pagedserve/tiny-py", max_model_len=256, max_num_seqs=12, block_size=8, max_num_batched_tokens=64))
     other = make_plan(PlanRequest("pagedserve/tiny-py", device="cpu", max_model_len=256, max_num_seqs=12,
                                   block_size=8, bandwidth_gb_per_s=1.0))
     assert other["num_kv_blocks"] == engine.runner.num_kv_blocks

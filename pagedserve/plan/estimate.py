@@ -132,6 +132,12 @@ def _quantized(hf_config: PretrainedConfig, quantization: str | None) -> tuple[P
     return quantized, quantization
 
 
+def _quant_method(hf_config: PretrainedConfig) -> str | None:
+    """The weight format the model is built with, None when unquantized."""
+    settings = checkpoint_quant_config(hf_config)
+    return str(settings.get("quant_method")).lower() if settings else None
+
+
 def _weight_bytes_per_rank(model: torch.nn.Module, tp: int) -> int:
     """Each rank holds 1/tp of every matrix (linear layers by rows or columns, the embedding
     and LM head by vocabulary, as vLLM shards them) and all of every vector and buffer."""
@@ -206,7 +212,13 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
     dtype_name = str(dtype).removeprefix("torch.")
     model = build_model(build_config, quantization, dtype_name, "meta", folder=folder)
     weights = _weight_bytes_per_rank(model, tp)
-    num_params = sum(p.numel() for p in build_model(hf_config, "none", dtype_name, "meta").parameters())
+    if quantization in (None, "none") and checkpoint_quant_config(hf_config) is None:
+        dense = model
+    else:  # parameters count as the dense model has them (a packed int32 holds eight)
+        unquantized = copy.deepcopy(hf_config)
+        unquantized.__dict__.pop("quantization_config", None)
+        dense = build_model(unquantized, None, dtype_name, "meta")
+    num_params = sum(p.numel() for p in dense.parameters())
 
     kv_dtype = torch.float8_e4m3fn if request.kv_cache_dtype == "fp8" else dtype
     backend = "torch_ref" if request.device == "cpu" else "triton"
@@ -235,7 +247,8 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
 
     peak = None
     if gpu is not None:
-        peak = gpu.fp8_tflops if quantization == "fp8" and gpu.fp8_tflops else gpu.bf16_tflops
+        fp8 = _quant_method(build_config) in ("fp8", "compressed-tensors")
+        peak = gpu.fp8_tflops if fp8 and gpu.fp8_tflops else gpu.bf16_tflops
     compute_ceiling = peak * 1e12 * tp / (2 * num_params) if peak else None
 
     plan: dict[str, Any] = {
@@ -243,7 +256,7 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
         "architecture": (hf_config.architectures or ["?"])[0],
         "num_parameters": num_params,
         "dtype": dtype_name,
-        "quantization": quantization if quantization not in (None, "none") else None,
+        "quantization": _quant_method(build_config),
         "kv_cache_dtype": request.kv_cache_dtype,
         "device": request.device,
         "gpu": gpu.name if gpu else None,
