@@ -163,6 +163,8 @@ def _device(request: PlanRequest) -> tuple[GPU | None, int | None, float, str]:
     """(table GPU or None, memory bytes or None for the CPU, bandwidth bytes/s, its source).
     Without ``--gpu``, ``--gpu-memory`` or ``--bandwidth`` a GPU plan is for an H100."""
     gpu = None
+    if request.device == "cpu" and (request.gpu is not None or request.gpu_memory_gb is not None):
+        raise ValueError("--gpu and --gpu-memory describe a GPU; leave them out with --device cpu")
     if request.device == "cuda":
         given = request.gpu_memory_gb is not None or request.bandwidth_gb_per_s is not None
         if request.gpu is not None or not given:
