@@ -96,6 +96,10 @@ def test_plan_command_text_json_and_a_bare_config(tmp_path: Path) -> None:
     from_file = json.loads(run_cli("plan", str(config), *args))
     builtin = json.loads(run_cli("plan", "mistralai/Mistral-7B-v0.1", *args))
     assert from_file["kv_tokens"] == builtin["kv_tokens"] > 0
+    promised = {"weight_bytes", "kv_bytes_per_token", "kv_tokens", "max_concurrency_at_max_model_len",
+                "max_concurrency_at_workload_len", "fits", "decode_tokens_per_s", "cost_per_million_output_tokens"}
+    assert promised <= set(builtin) and set(builtin["decode_tokens_per_s"]) >= {
+        "memory_roofline_batch_1", "memory_roofline_full_concurrency"}
     assert from_file["bandwidth_source"] == "given" and set(from_file["cost_per_million_output_tokens"]) == {"on_demand"}
 
 
