@@ -1,7 +1,9 @@
 """``POST /v1/responses`` and ``GET /v1/responses/{id}``: OpenAI's Responses API for text, as vLLM
 serves it. The input (a string or message items, after the ``instructions`` as a system
 message, after the conversation of ``previous_response_id``) goes through the chat template as
-one request. Responses are kept in a bounded in-memory store unless ``store`` is false.
+one request. ``text.format`` json_schema / json_object constrain the output through the
+structured-output backend. Responses are kept in a bounded in-memory store unless ``store`` is
+false.
 
 Streams send OpenAI's typed events (``event: <type>``): ``response.created``,
 ``response.in_progress``, ``response.output_item.added``, ``response.content_part.added``,
@@ -25,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pagedserve.core.async_engine import RequestStream
 from pagedserve.core.outputs import RequestOutput
-from pagedserve.core.sampling_params import SamplingParams
+from pagedserve.core.sampling_params import SamplingParams, StructuredOutputsParams
 from pagedserve.server.chat import render_chat
 from pagedserve.server.errors import APIError
 from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ChatMessage
@@ -40,6 +42,7 @@ from pagedserve.server.responses_protocol import (
     TextConfig,
 )
 from pagedserve.server.serving import ServerState, collect, event_stream, get_state, unless_disconnected
+from pagedserve.server.structured import schema_error
 
 router = APIRouter()
 #: Responses kept for ``GET`` and ``previous_response_id``; the oldest go first.
@@ -100,12 +103,6 @@ def _check_supported(body: ResponsesRequest) -> None:
         raise APIError(
             400, "tools are not supported by /v1/responses yet (no structured output)", param="tools"
         )
-    if body.text is not None and body.text.format.type != "text":
-        raise APIError(
-            400,
-            f"text.format {body.text.format.type!r} is not supported yet; only 'text'",
-            param="text.format",
-        )
     if body.background:
         raise APIError(400, "background responses are not supported", param="background")
     if body.top_logprobs:
@@ -132,11 +129,29 @@ def _input_messages(body: ResponsesRequest) -> list[ChatMessage]:
     return messages
 
 
+def _structured_outputs(body: ResponsesRequest) -> StructuredOutputsParams | None:
+    """``text.format`` as the structured-output constraint (server/structured.py's backend)."""
+    text_format = body.text.format if body.text is not None else None
+    if text_format is None or text_format.type == "text":
+        return None
+    if text_format.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if text_format.json_schema is None:
+        raise APIError(400, "text.format of type json_schema needs a schema", param="text.format")
+    try:
+        return StructuredOutputsParams(json=text_format.json_schema)
+    except ValueError as exc:
+        raise APIError(400, f"text.format: {exc}", param="text.format") from None
+
+
 def _sampling_params(body: ResponsesRequest, state: ServerState) -> SamplingParams:
     given = {name: getattr(body, name) for name in GENERATION_CONFIG_FIELDS}
     sampling = {name: value for name, value in given.items() if value is not None}
     return SamplingParams(
-        **{**state.sampling_defaults, **sampling}, seed=body.seed, max_tokens=body.max_output_tokens
+        **{**state.sampling_defaults, **sampling},
+        seed=body.seed,
+        max_tokens=body.max_output_tokens,
+        structured_outputs=_structured_outputs(body),
     )
 
 
@@ -165,7 +180,10 @@ async def create_response(
     state.check_length(len(ids), body.max_output_tokens)
     params = _sampling_params(body, state)
     response_id = f"resp_{uuid.uuid4().hex}"
-    stream = await state.add(response_id, [{"prompt_token_ids": ids}], params)
+    try:
+        stream = await state.add(response_id, [{"prompt_token_ids": ids}], params)
+    except ValueError as exc:  # the grammar backend refused the schema
+        raise schema_error(exc, "text.format") or exc
     draft = Draft(body, state, store, response_id, f"msg_{uuid.uuid4().hex}", conversation)
     if body.stream:
         return event_stream(stream, _events(draft, stream), typed_events=True)

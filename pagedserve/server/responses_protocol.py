@@ -22,8 +22,15 @@ class InputMessage(BaseModel):
 
 
 class TextFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str = "text"
+    """``text.format``: ``text``, ``json_object``, or ``json_schema`` with its fields flat
+    (``name``, ``schema``, ``description``, ``strict``), as the Responses API has them."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, serialize_by_alias=True)
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
 
 
 class TextConfig(BaseModel):
