@@ -19,7 +19,7 @@ BASE = [
     "return self._data[key]",
 ]
 PROMPTS32 = [f"{p}\n# {i}" if i >= len(BASE) else p for i, p in enumerate(BASE * 7)][:32]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 MODELS = {
     "llama": ("LlamaForCausalLM", {}),
     "mistral-window": ("MistralForCausalLM", {"sliding_window": 8}),
@@ -31,54 +31,129 @@ def greedy(llm: LLM, prompts: list[str], **params: object) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, sampling, use_tqdm=False)]
 
 
-def spec_config(method: str, draft: str | None = None, **extra: object) -> dict:
+METHODS = ["ngram", "suffix", "draft_model"]
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tiny_model) -> str:
+    """The draft of both targets: the random Llama, the Llama target itself (every proposal
+    right but for rounding) and the Mistral target's twin but for its sliding window (right
+    while the context fits in the window, wrong more and more after)."""
+    return str(tiny_model("LlamaForCausalLM"))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request, tiny_model, draft_dir):
+    architecture, overrides = MODELS[request.param]
+    model_dir = str(tiny_model(architecture, **overrides))
+    plain = LLM(model_dir, dtype="float32")
+    return model_dir, {"batch32": greedy(plain, PROMPTS32)}, draft_dir
+
+
+def spec_config(method: str, draft: str, **extra: object) -> dict:
     config: dict = {"method": method, "num_speculative_tokens": 3, "disable_by_batch_size": 0, **extra}
     if method == "ngram":
         config["prompt_lookup_max"] = 3
-    if draft is not None:
+    if method == "draft_model":
         config["model"] = draft
     return config
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
-def model(request, tiny_model):
-    architecture, overrides = MODELS[request.param]
-    model_dir = str(tiny_model(architecture, **overrides))
-    plain = LLM(model_dir, dtype="float32")
-    return model_dir, {"batch32": greedy(plain, PROMPTS32)}
-
-
-METHODS = ["ngram"]
-
-
 @pytest.mark.parametrize("method", METHODS)
-def test_greedy_identical_batch_1_and_32(model, method: str) -> None:
-    model_dir, expected = model
-    llm = LLM(model_dir, dtype="float32", speculative_config=spec_config(method))
-    one_by_one = [greedy(llm, [p])[0] for p in PROMPTS32[:6]]
-    assert one_by_one == expected["batch32"][:6]
-    assert greedy(llm, PROMPTS32) == expected["batch32"]
+def test_greedy_identical_batch_1_and_32_and_prefix_cached(model, method: str) -> None:
+    model_dir, expected, draft = model
+    llm = LLM(model_dir, dtype="float32", speculative_config=spec_config(method, draft))
+    one_by_one = [greedy(llm, [p])[0] for p in PROMPTS32[:3]]
+    assert one_by_one == expected["batch32"][:3]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    outputs = llm.generate(PROMPTS32, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected["batch32"]
+    assert sum(o.metrics.get("spec_num_accepted_tokens", 0) for o in outputs) > 0
+    again = llm.generate(PROMPTS32[:8], params, use_tqdm=False)  # prefix-cache hits now
+    assert [o.outputs[0].token_ids for o in again] == expected["batch32"][:8]
+    assert sum(o.num_cached_tokens for o in again) > 0
+    assert sum(o.metrics.get("spec_num_drafts", 0) for o in again) > 0
     assert llm.engine.kv_cache.num_used_blocks == 0
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_greedy_identical_chunked_prefill_preemption_prefix_caching(model, method: str) -> None:
-    model_dir, expected = model
-    config = spec_config(method)
-    prompts, want = PROMPTS32[:8], expected["batch32"][:8]
+def test_greedy_identical_chunked_prefill_and_preemption(model, method: str) -> None:
+    model_dir, expected, draft = model
+    config = spec_config(method, draft)
+    prompts, want = PROMPTS32[:6], expected["batch32"][:6]
     chunked = LLM(model_dir, dtype="float32", max_num_seqs=4, max_num_batched_tokens=8, speculative_config=config)
     assert greedy(chunked, prompts) == want
     small = LLM(
-        model_dir, dtype="float32", block_size=4, num_kv_blocks=40, enable_prefix_caching=False,
+        model_dir, dtype="float32", block_size=4, num_kv_blocks=20, enable_prefix_caching=False,
         speculative_config=config,
     )
     assert greedy(small, prompts) == want
     assert small.engine.scheduler.num_preemptions_total > 0
     assert small.engine.kv_cache.num_used_blocks == 0
-    cached = LLM(model_dir, dtype="float32", block_size=4, speculative_config=config)
-    assert greedy(cached, prompts) == want
-    again = cached.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in again] == want
-    assert all(o.num_cached_tokens > 0 for o in again)
-    drafts = [o.metrics.get("spec_num_drafts", 0) for o in again]
-    assert sum(drafts) > 0
+
+
+def test_stop_strings_logprobs_and_n_with_speculation(model) -> None:
+    """A stop string inside a step's accepted tokens ends the output there; logprobs are the
+    target's; n > 1 forks keep speculating."""
+    model_dir, expected, draft = model
+    plain = LLM(model_dir, dtype="float32")
+    spec = LLM(model_dir, dtype="float32", speculative_config=spec_config("ngram", draft))
+    tokenizer = plain.get_tokenizer()
+    prompts = BASE[:3]
+    texts = [tokenizer.decode(ids) for ids in expected["batch32"][: len(prompts)]]
+    stops = [t[len(t) // 2 : len(t) // 2 + 3] or "\n" for t in texts]
+    for prompt, stop in zip(prompts, stops):
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop=[stop], logprobs=2)
+        want = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        got = spec.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == (
+            want.token_ids, want.text, want.finish_reason, want.stop_reason
+        )
+        assert len(got.logprobs) == len(got.token_ids)
+        for mine, theirs in zip(got.logprobs, want.logprobs):
+            assert mine.keys() == theirs.keys()
+            for token in mine:
+                assert mine[token].logprob == pytest.approx(theirs[token].logprob, abs=1e-4)
+    n_params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, n=3)
+    forked = spec.generate(BASE[:2], n_params, use_tqdm=False)
+    for out, want in zip(forked, expected["batch32"][:2]):
+        assert [c.token_ids for c in out.outputs] == [want] * 3
+    assert spec.engine.kv_cache.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_abort_mid_speculation_leaks_no_block(model, method: str) -> None:
+    model_dir, expected, draft = model
+    llm = LLM(model_dir, dtype="float32", speculative_config=spec_config(method, draft))
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    for i, prompt in enumerate(PROMPTS32[:8]):
+        engine.add_request(str(i), prompt, params)
+    aborted = set()
+    while engine.has_unfinished_requests():
+        engine.step()
+        speculating = [r for r in engine.scheduler.running if r.spec_token_ids]
+        if speculating and len(aborted) < 4:
+            aborted.add(speculating[0].parent_id)
+            engine.abort_request(speculating[0].parent_id)
+    assert len(aborted) == 4
+    assert engine.kv_cache.num_used_blocks == 0
+    assert not engine.runner.proposer._states if method == "draft_model" else True
+
+
+def test_start_up_errors(tmp_path, tokenizer_dir, model) -> None:
+    """An unknown method, a draft_model without a model, a draft with another vocabulary."""
+    import shutil
+
+    from tiny_models import make_tiny_model
+
+    model_dir, _, _ = model
+    small_vocab = make_tiny_model(tmp_path / "v256", vocab_size=256)
+    for item in tokenizer_dir.iterdir():
+        shutil.copy(item, small_vocab / item.name)
+    with pytest.raises(ValueError, match="vocabulary of 256 tokens but the target .* has 512"):
+        LLM(model_dir, speculative_config={"method": "draft_model", "model": str(small_vocab), "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="not registered; known: draft_model, ngram, suffix"):
+        LLM(model_dir, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="needs a 'model'"):
+        LLM(model_dir, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})

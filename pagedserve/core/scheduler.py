@@ -385,7 +385,12 @@ class Scheduler:
                 seats += group_size
                 continue
             num_new = min(self._tokens_to_compute(request) - num_hit_tokens, step.budget)
-            if not self.kv_cache.allocate_slots(request, num_new, hits, num_hit_tokens):
+            # Lookahead slots (for a draft's proposals after this step) only when they fit.
+            lookahead = self.num_lookahead_tokens if num_hit_tokens + num_new == request.num_tokens else 0
+            if not (
+                (lookahead and self.kv_cache.allocate_slots(request, num_new, hits, num_hit_tokens, lookahead))
+                or self.kv_cache.allocate_slots(request, num_new, hits, num_hit_tokens)
+            ):
                 break
             self._start(request, num_hit_tokens)
             step.add(request, num_new)

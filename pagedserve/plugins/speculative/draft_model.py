@@ -1,0 +1,219 @@
+"""A small draft model with the target's tokenizer proposes ``k`` tokens, one forward each.
+
+Its KV cache lives in tensors of its own but is addressed by the target's block tables, so the
+blocks the scheduler hands a request hold both models' KV, and the scheduler keeps ``k``
+lookahead slots past the scheduled tokens for the draft's proposals. After each step the draft
+catches up on the request's new tokens (the whole prompt for a request it has not seen, or one
+that was preempted; the accepted tokens and the target's own one otherwise) in its first
+forward, whose last position gives the first proposal; each further forward adds one.
+
+Greedy requests get the draft's argmax; sampled ones a token drawn from the draft's
+distribution at the request's temperature, which travels with the proposal for the rejection
+rule (``min(1, p/q)``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagedserve.assets import DEFAULT_MODEL, DRAFT_MODEL, bundled_model_path
+from pagedserve.core.config import ConfigError, EngineConfig, ModelConfig
+from pagedserve.core.forward_context import build_batch_layout, set_forward_context
+from pagedserve.core.layers.attention import Attention
+from pagedserve.core.loader import get_model_max_len, load_hf_config, load_model, resolve_model_path
+from pagedserve.core.request import Request
+from pagedserve.core.sampling import request_generator
+from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
+
+#: Targets whose draft is known when ``speculative_config`` names none.
+DEFAULT_DRAFTS = {DEFAULT_MODEL: DRAFT_MODEL}
+
+
+@dataclass
+class _DraftState:
+    """Positions ``0 .. num_computed - 1`` of the request hold valid draft KV (valid while the
+    request was not preempted since)."""
+
+    num_computed: int
+    num_preemptions: int
+
+
+def default_draft(target: str) -> str | None:
+    if target in DEFAULT_DRAFTS:
+        return DEFAULT_DRAFTS[target]
+    for name, draft in DEFAULT_DRAFTS.items():
+        folder = bundled_model_path(name)
+        if folder is not None and Path(target).expanduser().resolve() == folder.resolve():
+            return draft
+    return None
+
+
+def _tokenizer_vocab(folder: str) -> dict[str, int] | None:
+    file = Path(folder) / "tokenizer.json"
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text()).get("model", {}).get("vocab")
+
+
+class DraftModelProposer(Proposer):
+    """``speculative_config={"method": "draft_model", "model": PATH, ...}``."""
+
+    needs_lookahead_slots = True
+    #: Measured on the CPU with the bundled models (docs/speculative.md).
+    default_disable_by_batch_size = 4
+
+    def __init__(self, config: EngineConfig, runner: Any) -> None:
+        super().__init__(config, runner)
+        spec = config.speculative
+        assert spec is not None
+        name = spec.model or default_draft(config.model.model)
+        if name is None:
+            raise ConfigError(
+                f"speculative_config method 'draft_model' needs a 'model' (the draft's folder): "
+                f"{config.model.model} has no bundled default draft"
+            )
+        draft_config = ModelConfig(model=name, dtype=config.model.dtype, seed=config.model.seed)
+        draft_config.model_path = resolve_model_path(name)
+        draft_config.hf_config = load_hf_config(draft_config.model_path)
+        self._check_compatible(config, draft_config)
+        self.device = runner.device
+        self.block_size = runner.block_size
+        self.backend = runner.backend
+        self.vocab_size = runner.vocab_size
+        self.model = load_model(draft_config, None, self.device.type)
+        self.layers = sorted(
+            (m for m in self.model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_index
+        )
+        self.dtype = next(self.model.parameters()).dtype
+        self.generator = torch.Generator(device=self.device).manual_seed(config.model.seed + 1)
+        self._states: dict[str, _DraftState] = {}
+
+    @staticmethod
+    def _check_compatible(config: EngineConfig, draft: ModelConfig) -> None:
+        target_hf, draft_hf = config.model.hf_config, draft.hf_config
+        if int(draft_hf.vocab_size) != int(target_hf.vocab_size):
+            raise ConfigError(
+                f"the draft model {draft.model} has a vocabulary of {draft_hf.vocab_size} tokens but "
+                f"the target {config.model.model} has {target_hf.vocab_size}: a draft must share the "
+                "target's tokenizer; choose another draft"
+            )
+        target_vocab = _tokenizer_vocab(config.model.tokenizer or config.model.model_path or "")
+        draft_vocab = _tokenizer_vocab(draft.model_path or "")
+        if target_vocab is not None and draft_vocab is not None and target_vocab != draft_vocab:
+            raise ConfigError(
+                f"the draft model {draft.model} has a different tokenizer from the target "
+                f"{config.model.model} (same size, other tokens); choose a draft trained with the "
+                "target's tokenizer"
+            )
+        max_len = config.model.max_model_len or 0
+        if get_model_max_len(draft_hf) < max_len:
+            raise ConfigError(
+                f"the draft model {draft.model} handles {get_model_max_len(draft_hf)} positions, "
+                f"fewer than max_model_len={max_len}; lower max_model_len or choose another draft"
+            )
+
+    # -- KV cache ------------------------------------------------------------------------------
+
+    def kv_cache_bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return sum(
+            element * int(torch.Size(self.backend.kv_cache_shape(1, self.block_size, l.num_kv_heads, l.head_size)).numel())
+            for l in self.layers
+        )
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        for layer in self.layers:
+            shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    # -- proposing -----------------------------------------------------------------------------
+
+    def request_finished(self, request: Request) -> None:
+        self._states.pop(request.request_id, None)
+
+    def propose(self, batch: ProposalBatch) -> list[DraftTokens]:
+        requests = []
+        limits = []
+        seqs: list[tuple[list[int], int, int]] = []
+        token_ids: list[int] = []
+        for request, k in zip(batch.requests, batch.max_num_tokens):
+            num_tokens = request.num_tokens
+            # The catch-up writes up to position num_tokens - 1, proposal j (from 1) is fed at
+            # num_tokens + j - 1 for the next: all within the request's blocks (no lookahead
+            # slots when blocks ran short: no proposal this time).
+            slots = len(request.block_ids) * self.block_size
+            if slots < num_tokens:
+                continue
+            state = self._states.get(request.request_id)
+            start = 0
+            if state is not None and state.num_preemptions == request.num_preemptions:
+                start = min(state.num_computed, num_tokens - 1)
+            self._states[request.request_id] = _DraftState(num_tokens, request.num_preemptions)
+            requests.append(request)
+            limits.append(min(k, slots - num_tokens + 1))
+            seqs.append((request.block_ids, start, num_tokens - start))
+            token_ids.extend(request.all_token_ids[start:])
+        by_id: dict[str, DraftTokens] = {}
+        if requests:
+            for request, draft in zip(requests, self._propose(requests, limits, seqs, token_ids)):
+                by_id[request.request_id] = draft
+        return [by_id.get(r.request_id, DraftTokens([])) for r in batch.requests]
+
+    def _propose(
+        self,
+        requests: list[Request],
+        limits: list[int],
+        seqs: list[tuple[list[int], int, int]],
+        token_ids: list[int],
+    ) -> list[DraftTokens]:
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        logits = self._forward(seqs, token_ids)
+        active = [i for i, limit in enumerate(limits) if limit > 0]
+        logits = logits[active]
+        step = 0
+        while active:
+            self._choose(logits, active, requests, drafts, probs)
+            step += 1
+            active = [i for i in active if limits[i] > step]
+            if not active:
+                break
+            # Each proposal goes in at its position: its KV, then the next proposal's logits.
+            seqs = [(requests[i].block_ids, requests[i].num_tokens + step - 1, 1) for i in active]
+            logits = self._forward(seqs, [drafts[i][-1] for i in active])
+        return [DraftTokens(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
+
+    def _forward(self, seqs: list[tuple[list[int], int, int]], token_ids: list[int]) -> torch.Tensor:
+        """The draft's logits [len(seqs), V] at each sequence's last new position."""
+        layout = build_batch_layout(seqs, self.block_size, self.device)
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        with set_forward_context(self.backend, self.backend.build_metadata(layout)):
+            hidden = self.model(input_ids, layout.positions)
+        ends = layout.query_start_loc[1:].long() - 1
+        return self.model.compute_logits(hidden[ends])
+
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        active: list[int],
+        requests: list[Request],
+        drafts: list[list[int]],
+        probs: list[list[torch.Tensor]],
+    ) -> None:
+        """Append one proposal to each active request (row i of ``logits`` is ``active[i]``)."""
+        greedy_ids = logits.argmax(dim=-1).tolist()
+        for row, index in enumerate(active):
+            request = requests[index]
+            params = request.sampling_params
+            token = greedy_ids[row]
+            if not params.greedy:
+                q = torch.softmax(logits[row].float() / params.temperature, dim=-1)
+                generator = request_generator(request, self.device) if params.seed is not None else self.generator
+                token = int(torch.multinomial(q, 1, generator=generator))
+                probs[index].append(q)
+            drafts[index].append(token)

@@ -1,0 +1,40 @@
+"""speculative_config: vLLM's names, and clear errors for bad or unsupported values."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.core.config import ConfigError, SpeculativeConfig, engine_config_from_args
+
+
+def test_dict_json_and_defaults() -> None:
+    config = engine_config_from_args(
+        "m", speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}
+    )
+    spec = config.speculative
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == (
+        "ngram", 4, 1, 4
+    )
+    parsed = SpeculativeConfig.from_value('{"method": "draft_model", "model": "x", "num_speculative_tokens": 2}')
+    assert (parsed.method, parsed.model) == ("draft_model", "x")
+    assert engine_config_from_args("m").speculative is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"method": "ngram"}, "needs num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "in \\[1, 16\\]"),
+        ({"num_speculative_tokens": 2}, "needs a 'method'"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_maxx": 3}, "did you mean 'prompt_lookup_max'"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "speculative_token_tree": "[]"}, "not supported"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}, "must not exceed"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "drop model"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": -1}, "disable_by_batch_size"),
+        ("{not json", "not valid JSON"),
+        (["ngram"], "must be a dict"),
+    ],
+)
+def test_bad_values_say_what_to_change(value, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        engine_config_from_args("m", speculative_config=value)
