@@ -122,6 +122,7 @@ def test_plan_command_refuses_bad_input() -> None:
         (["plan", "Mistral-7B", "--gpu", "B300"], "unknown GPU"),
         (["plan", "Mistral-7B", "--gpu-memory", "24"], "--bandwidth"),
         (["plan", "Mistral-7B", "--device", "cpu", "--gpu", "L4"], "--device cpu"),
+        (["plan", "Mistral-7B", "--device", "cpu", "--kv-cache-dtype", "fp8", "--bandwidth", "9"], "reference backend"),
         (["plan", "Mistral-7B", "--max-model-len", "1000000"], "max_model_len"),
         (["plan", "Mistral-7B", "--max-model-len", "1024", "--input-len", "1000", "--output-len", "100"], "workload"),
     ]:

@@ -41,7 +41,8 @@ CUDA_CONTEXT_BYTES = 512 * 2**20
 DEFAULT_GPU = "H100"
 
 #: ``--quantization`` for an unquantized config: the settings of the checkpoint
-#: ``pagedserve quantize`` would make (4-bit AWQ / GPTQ with groups of 128, FP8 per channel).
+#: ``pagedserve quantize`` would make (4-bit AWQ / GPTQ with groups of 128, FP8 with a scale
+#: per tensor).
 QUANTIZED_CHECKPOINTS: dict[str, dict[str, Any]] = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False},
@@ -223,8 +224,11 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
     num_params = sum(p.numel() for p in dense.parameters())
 
     kv_dtype = torch.float8_e4m3fn if request.kv_cache_dtype == "fp8" else dtype
-    backend = "torch_ref" if request.device == "cpu" else "triton"
-    kv_cache_shape = get_plugin_manager().registry("attention_backends").load(backend).kv_cache_shape
+    backend = get_plugin_manager().registry("attention_backends").load(
+        "torch_ref" if request.device == "cpu" else "triton")
+    if request.device == "cpu" and (reason := backend.supports(config)) is not None:
+        raise ValueError(f"the CPU engine cannot serve this: {reason}")
+    kv_cache_shape = backend.kv_cache_shape
     layers = _kv_layers(model, tp)
     per_block = kv_bytes_per_block(layers, config.cache.block_size, kv_cache_shape, kv_dtype)
     per_token = kv_bytes_per_block(layers, 1, kv_cache_shape, kv_dtype)
