@@ -121,7 +121,9 @@ def register_logits_processors(register: Register) -> None:
     ``register(name, "module:Class", order=int)``. The sampler applies every registered processor
     to each step's logits in ascending ``order``; a processor reads what it needs from the
     requests' ``SamplingParams`` (``extra_args`` for third-party options) and leaves the other
-    rows untouched.
+    rows untouched. Its optional ``prepare_request(request, tokenizer)`` runs when a request is
+    added: a ValueError refuses the request, and a returned future keeps it waiting (others
+    run) until done, as the grammar backend of structured output compiles off the engine loop.
     """
 
 

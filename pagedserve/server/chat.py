@@ -125,8 +125,7 @@ async def create_chat_completion(
     _check_supported(body)
     choice = _tool_choice(body, state)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    tools = body.tools if choice != "none" else None
-    ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs, tools)
+    ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.tools)
     state.check_length(len(ids), max_tokens)
     params, source = _sampling_params(body, state, choice, max_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
