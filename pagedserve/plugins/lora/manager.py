@@ -153,7 +153,12 @@ class LoRAModelManager(LoRAManagerBase):
     def _load(self, lora_request: LoRARequest) -> ResolvedAdapter:
         import os
 
+        from pagedserve.assets import bundled_adapter_path
+
         name, path = lora_request.lora_name, lora_request.lora_path
+        bundled = bundled_adapter_path(path)
+        if bundled is not None and not os.path.exists(path):
+            path = str(bundled)
         if not os.path.isdir(path):
             raise ValueError(f"LoRA adapter {name!r}: {path!r} is not a folder")
         for entry in self.formats:
