@@ -12,14 +12,23 @@ from pagedserve.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = [
-    "LLM", "LoRARequest", "PoolingParams", "SamplingParams", "StructuredOutputsParams", "hookimpl", "__version__",
+    "LLM",
+    "BeamSearchParams",
+    "LoRARequest",
+    "PoolingParams",
+    "RequestOutputKind",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "hookimpl",
+    "__version__",
 ]
 
 if TYPE_CHECKING:
+    from pagedserve.core.beam_search import BeamSearchParams
     from pagedserve.core.llm import LLM
     from pagedserve.core.lora import LoRARequest
     from pagedserve.core.pooling import PoolingParams
-    from pagedserve.core.sampling_params import SamplingParams, StructuredOutputsParams
+    from pagedserve.core.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:
@@ -35,7 +44,11 @@ def __getattr__(name: str) -> Any:
         from pagedserve.core.pooling import PoolingParams
 
         return PoolingParams
-    if name in ("SamplingParams", "StructuredOutputsParams"):
+    if name == "BeamSearchParams":
+        from pagedserve.core.beam_search import BeamSearchParams
+
+        return BeamSearchParams
+    if name in ("SamplingParams", "StructuredOutputsParams", "RequestOutputKind"):
         from pagedserve.core import sampling_params
 
         return getattr(sampling_params, name)

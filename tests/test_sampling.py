@@ -18,9 +18,12 @@ from pagedserve.core.sampling import (
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.plugins.samplers.default import DefaultSampler
 from pagedserve.plugins.samplers.processors import (
+    AllowedTokenIdsProcessor,
+    BadWordsProcessor,
     LogitBiasProcessor,
     MinTokensProcessor,
     PenaltiesProcessor,
+    PerRequestProcessor,
 )
 
 VOCAB = 8
@@ -99,13 +102,59 @@ def test_penalties_follow_the_vllm_formulas() -> None:
     assert out[1].tolist() == row
 
 
+def test_allowed_token_ids_mask_every_other_token_of_its_row_only() -> None:
+    logits = torch.arange(2 * VOCAB, dtype=torch.float32).reshape(2, VOCAB)
+    batch = batch_of(make_request(SamplingParams(allowed_token_ids=[1, 5])), make_request(SamplingParams()))
+    out = AllowedTokenIdsProcessor(VOCAB, "cpu").apply(logits.clone(), batch)
+    kept = [t for t in range(VOCAB) if out[0, t] != float("-inf")]
+    assert kept == [1, 5] and out[0, 5] == logits[0, 5]
+    assert torch.equal(out[1], logits[1])
+
+
+def test_bad_words_ban_the_last_token_once_the_rest_was_generated() -> None:
+    def request(output: list[int]) -> Request:
+        params = SamplingParams(bad_words=["x"])
+        params.bad_words_token_ids = [[3], [4, 5, 6]]
+        return make_request(params, output=output)
+
+    logits = torch.zeros(3, VOCAB)
+    batch = batch_of(request([]), request([1, 4, 5]), request([4, 1, 5]))
+    out = BadWordsProcessor(VOCAB, "cpu").apply(logits, batch)
+    banned = [[t for t in range(VOCAB) if out[r, t] == float("-inf")] for r in range(3)]
+    assert banned == [[3], [3, 6], [3]]
+
+
+def test_per_request_processors_take_two_or_three_arguments_and_change_their_row() -> None:
+    seen = []
+
+    def two(output_ids: list[int], row: torch.Tensor) -> torch.Tensor:
+        seen.append(("two", list(output_ids)))
+        row[0] = 100.0
+        return row
+
+    def three(prompt_ids: list[int], output_ids: list[int], row: torch.Tensor) -> torch.Tensor:
+        seen.append(("three", list(prompt_ids), list(output_ids)))
+        return row + 1.0  # a new tensor: copied into the row
+
+    logits = torch.zeros(2, VOCAB)
+    batch = batch_of(make_request(SamplingParams()), make_request(SamplingParams(logits_processors=[two, three]), output=[7]))
+    out = PerRequestProcessor(VOCAB, "cpu").apply(logits, batch)
+    assert seen == [("two", [7]), ("three", [1, 2], [7])]
+    assert out[1, 0] == 101.0 and out[1, 1] == 1.0
+    assert out[0].abs().sum() == 0
+
+
 def test_processors_are_registered_in_order_and_built_by_build_sampler() -> None:
     registry = manager().registry("logits_processors")
     orders = {e.name: e.metadata["order"] for e in registry.entries()}
-    assert orders["logit_bias"] < orders["min_tokens"] < orders["penalties"]
+    assert orders["allowed_token_ids"] < orders["bad_words"] < orders["per_request"]
+    assert orders["per_request"] < orders["logit_bias"] < orders["min_tokens"] < orders["penalties"]
     built = sampler()
     assert isinstance(built, DefaultSampler)
     assert [type(p) for p in built.processors] == [
+        AllowedTokenIdsProcessor,
+        BadWordsProcessor,
+        PerRequestProcessor,
         LogitBiasProcessor,
         MinTokensProcessor,
         PenaltiesProcessor,

@@ -30,6 +30,19 @@ INVALID = [
     ("logprobs", {"logprobs": MAX_LOGPROBS + 1}),
     ("prompt_logprobs", {"prompt_logprobs": -1}),
     ("extra_args", {"extra_args": ["x"]}),
+    ("best_of", {"best_of": 0}),
+    ("best_of", {"n": 3, "best_of": 2}),
+    ("bad_words", {"bad_words": [""]}),
+    ("bad_words", {"bad_words": [3]}),
+    ("allowed_token_ids", {"allowed_token_ids": []}),
+    ("allowed_token_ids", {"allowed_token_ids": [-1]}),
+    ("truncate_prompt_tokens", {"truncate_prompt_tokens": 0}),
+    ("truncate_prompt_tokens", {"truncate_prompt_tokens": -2}),
+    ("logits_processors", {"logits_processors": ["not callable"]}),
+    ("output_kind", {"output_kind": 3}),
+    ("detokenize", {"detokenize": "no"}),
+    ("detokenize", {"detokenize": False, "stop": ["x"]}),
+    ("spaces_between_special_tokens", {"spaces_between_special_tokens": None}),
 ]
 
 
@@ -87,3 +100,12 @@ def test_structured_outputs_params_take_exactly_one_constraint() -> None:
         StructuredOutputsParams(regex="  ")
     with pytest.raises(ValueError, match="must be a StructuredOutputsParams"):
         SamplingParams(structured_outputs={"json": {}})
+
+
+def test_vllm_extras_normalise() -> None:
+    from pagedserve.core.sampling_params import RequestOutputKind
+
+    params = SamplingParams(n=2, best_of=3, bad_words="oops", output_kind=1, logits_processors=(print,))
+    assert params.num_sequences == 3 and SamplingParams(n=2).num_sequences == 2
+    assert params.bad_words == ["oops"] and params.logits_processors == [print]
+    assert params.output_kind is RequestOutputKind.DELTA

@@ -65,7 +65,7 @@ COMPLETION_ERRORS = [
     ("min above max", {"prompt": "x", "max_tokens": 2, "min_tokens": 5}, 400, "min_tokens"),
     ("empty stop", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("suffix", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
-    ("best_of", {"prompt": "x", "best_of": 3}, 400, "best_of=3 is not supported"),
+    ("best_of below n", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of must be at least n"),
     ("stream_options alone", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream"),
 ]
 

@@ -35,10 +35,13 @@ def bench() -> None:
 @click.option("--lora-rank", type=int, default=8, show_default=True, help="The rank of the --num-loras adapters.")
 @click.option("--compare-merged", is_flag=True,
               help="With --num-loras: also merge each adapter into the weights and serve them one after another.")
+@click.option("--compare-output-kinds", is_flag=True,
+              help="Also run the workload reading CUMULATIVE, DELTA and FINAL_ONLY outputs: the engine "
+                   "overhead of each (CUMULATIVE copies every token id each step).")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
                sequential_prompts: int | None, baseline_dtype: str | None, warmup_prompts: int, profile: bool,
-               num_loras: str | None, lora_rank: int, compare_merged: bool,
+               num_loras: str | None, lora_rank: int, compare_merged: bool, compare_output_kinds: bool,
                output_json: str | None, **kwargs: Any) -> None:
     """Offline throughput of the engine in-process (greedy, ignore_eos: exact lengths).
 
@@ -73,7 +76,13 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
     else:
         results = run_throughput(engine, workload)
-    rows: list[tuple[str, Any]] = [(name, value) for name, value in results.items()]
+    if compare_output_kinds:
+        from pagedserve.bench.throughput import compare_output_kinds as compare
+
+        results["output_kinds"] = compare(engine, workload)
+    rows: list[tuple[str, Any]] = []
+    for name, value in results.items():
+        rows += [(f"{name}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(name, value)]
     if baseline == "hf":
         from pagedserve.bench.hf_baseline import hf_sequential, hf_static_batches, load_hf_model
 

@@ -14,7 +14,7 @@ from pagedserve.core.engine import LLMEngine, StepStats
 from pagedserve.core.hookspecs import hookimpl
 from pagedserve.core.lora import LoRARequest
 from pagedserve.core.model_runner import ModelRunner
-from pagedserve.core.sampling_params import SamplingParams
+from pagedserve.core.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass(eq=False)  # identity: pluggy refuses a plugin equal to one already registered
@@ -39,23 +39,29 @@ class StepRecorder:
 
 
 def run_throughput(
-    engine: LLMEngine, workload: list[BenchRequest], lora_requests: list[LoRARequest | None] | None = None
+    engine: LLMEngine,
+    workload: list[BenchRequest],
+    lora_requests: list[LoRARequest | None] | None = None,
+    output_kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
 ) -> dict[str, Any]:
     """Generate every request of ``workload`` (greedy, ``ignore_eos`` so lengths are exact),
-    request i with ``lora_requests[i]`` when given."""
+    request i with ``lora_requests[i]`` when given, reading outputs as ``output_kind``
+    (FINAL_ONLY, as ``LLM.generate`` does)."""
     recorder = StepRecorder(engine)
     name = f"bench-recorder-{id(recorder)}"
     engine.plugins.pm.register(recorder, name=name)
     try:
         start = time.perf_counter()
         for i, request in enumerate(workload):
-            params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
+            params = SamplingParams(
+                temperature=0.0, max_tokens=request.output_len, ignore_eos=True, output_kind=output_kind
+            )
             lora = lora_requests[i] if lora_requests else None
             engine.add_request(f"bench-{i}", {"prompt_token_ids": request.prompt_token_ids}, params, lora_request=lora)
         output_tokens = 0
         while engine.has_unfinished_requests():
             for output in engine.step():
-                if output.finished:
+                if output.finished or output_kind is RequestOutputKind.DELTA:
                     output_tokens += len(output.outputs[0].token_ids)
         elapsed = time.perf_counter() - start
     finally:
@@ -99,4 +105,20 @@ def summarize(
         # it (requests that finished in the step not counted, so the bound errs fast).
         bound = roofline(engine.runner, len(steps), recorder.slots_filled, output_tokens)
         results.update(bound, fraction_of_roofline=bound["roofline_seconds"] / elapsed)
+    return results
+
+
+def compare_output_kinds(engine: LLMEngine, workload: list[BenchRequest]) -> dict[str, Any]:
+    """The engine's overhead over the forward (median per step) with each output kind, on the
+    same workload in one run: CUMULATIVE copies every running request's token ids each step
+    (what every step did before output kinds), DELTA only the new ones, FINAL_ONLY nothing
+    until the end."""
+    results: dict[str, Any] = {}
+    for kind in RequestOutputKind:
+        run = run_throughput(engine, workload, output_kind=kind)
+        results[f"{kind.name.lower()}_median_step_overhead"] = run["median_step_overhead"]
+        results[f"{kind.name.lower()}_output_tokens_per_s"] = run["output_tokens_per_s"]
+    results["delta_vs_cumulative_overhead"] = (
+        results["delta_median_step_overhead"] / results["cumulative_median_step_overhead"]
+    )
     return results

@@ -10,14 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.core import pooling
+from pagedserve.core.beam_search import BeamSearchGroup, BeamSearchParams
 from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.lora import LoRAManagerBase, LoRARequest
 from pagedserve.core.loader import get_model_max_len, load_generation_config, load_hf_config, resolve_model_path
-from pagedserve.core.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.core.pooling import PoolingParams
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.request_group import RequestGroup
 from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler
@@ -67,22 +69,6 @@ class StepStats:
     spec_decoding: SpecDecodingStats | None = None
 
 
-@dataclass
-class _Group:
-    """One user request: its prompt and its ``n`` sequences."""
-
-    prompt: str | None
-    prompt_token_ids: list[int]
-    sequences: list[Request]
-    detokenizers: list[IncrementalDetokenizer]
-    #: PoolingParams for an embedding request (one sequence, no detokenizer).
-    params: SamplingParams | PoolingParams
-
-    @property
-    def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.sequences)
-
-
 class LLMEngine:
     """The synchronous engine. Not thread-safe: one caller steps it."""
 
@@ -121,7 +107,7 @@ class LLMEngine:
             config.scheduler, self.kv_cache, policy, self.max_model_len, max_loras,
             num_lookahead_tokens=lookahead,
         )
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, RequestGroup | BeamSearchGroup] = {}
         self._log_capacity()
         self.plugins.hook.engine_started(engine=self)
         if config.lora.enable_lora and self.lora_manager is None:
@@ -208,10 +194,12 @@ class LLMEngine:
         params = params or SamplingParams()
         check_token_ids(params, self.vocab_size)
         text, token_ids = self.tokenize_prompt(prompt)
-        if params.n > self.config.scheduler.max_num_seqs:
+        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
+        num_sequences = params.num_sequences
+        if num_sequences > self.config.scheduler.max_num_seqs:
             raise ValueError(
-                f"n={params.n} sequences exceed max_num_seqs={self.config.scheduler.max_num_seqs}; "
-                "lower n or raise max_num_seqs"
+                f"{'best_of' if params.best_of is not None else 'n'}={num_sequences} sequences exceed "
+                f"max_num_seqs={self.config.scheduler.max_num_seqs}; lower it or raise max_num_seqs"
             )
         if len(token_ids) > self.max_model_len:
             raise ValueError(
@@ -219,12 +207,22 @@ class LLMEngine:
             )
         if lora_request is not None:
             self._check_lora(lora_request)
-        params = dataclasses.replace(params, eos_token_ids=self.eos_token_ids, stop=list(params.stop or []))
+        params = dataclasses.replace(
+            params,
+            eos_token_ids=self.eos_token_ids,
+            stop=list(params.stop or []),
+            bad_words_token_ids=self._bad_words_token_ids(params.bad_words),
+        )
+        # best_of > n ranks the sequences by cumulative logprob: they need it even when the
+        # user asked for no logprobs (the output then still shows none).
+        seq_params = params
+        if num_sequences > params.n and params.logprobs is None:
+            seq_params = dataclasses.replace(params, logprobs=0)
         sequences = [
             Request(
-                request_id if params.n == 1 else f"{request_id}#{i}",
+                request_id if num_sequences == 1 else f"{request_id}#{i}",
                 token_ids,
-                params,
+                seq_params,
                 arrival_time=arrival_time,
                 priority=priority,
                 cache_salt=cache_salt,
@@ -232,7 +230,7 @@ class LLMEngine:
                 parent_id=request_id,
                 index=i,
             )
-            for i in range(params.n)
+            for i in range(num_sequences)
         ]
         leader, siblings = sequences[0], sequences[1:]
         leader.fork_children = siblings
@@ -244,7 +242,78 @@ class LLMEngine:
         leader.pending = self.runner.prepare_request(leader, self.tokenizer)
         self.scheduler.add_request(leader)
         detokenizers = [IncrementalDetokenizer(self.tokenizer, token_ids, params) for _ in sequences]
-        self._groups[request_id] = _Group(text, token_ids, sequences, detokenizers, params)
+        self._groups[request_id] = RequestGroup(request_id, text, token_ids, sequences, detokenizers, params)
+
+    def add_beam_search_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: BeamSearchParams,
+        *,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: Any = None,
+    ) -> None:
+        """Queue a beam search; its output (the ``beam_width`` best beams) comes when it ends."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        max_new = min(params.max_tokens, self.max_model_len - len(token_ids))
+        if max_new < 1:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens, leaving no room under max_model_len={self.max_model_len}"
+            )
+        width = params.beam_width
+        if width > self.config.scheduler.max_num_seqs:
+            raise ValueError(
+                f"beam_width={width} beams exceed max_num_seqs={self.config.scheduler.max_num_seqs}; "
+                "lower it or raise max_num_seqs"
+            )
+        seq_params = BeamSearchGroup.sequence_params(params, self.eos_token_ids, max_new)
+        beams = [
+            Request(
+                f"{request_id}#{i}", token_ids, seq_params, arrival_time=arrival_time,
+                priority=priority, cache_salt=cache_salt, parent_id=request_id, index=i,
+            )
+            for i in range(width)
+        ]
+        leader = beams[0]
+        leader.fork_children = beams[1:]
+        for beam in beams:
+            beam.group_chooses_tokens = True
+        for beam in beams[1:]:
+            beam.fork_leader = leader
+            beam.status = RequestStatus.WAITING_FOR_FORK
+            beam.arrival_time = leader.arrival_time
+        self.scheduler.add_request(leader)
+        text_params = SamplingParams(include_stop_str_in_output=params.include_stop_str_in_output)
+        self._groups[request_id] = BeamSearchGroup(
+            request_id, text, token_ids, beams, params, self.eos_token_ids, max_new,
+            lambda: IncrementalDetokenizer(self.tokenizer, token_ids, text_params),
+        )
+
+    def _truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's ``truncate_prompt_tokens``: the last ``keep`` tokens (-1: max_model_len)."""
+        if keep is None:
+            return token_ids
+        keep = self.max_model_len if keep == -1 else keep
+        return token_ids[-keep:]
+
+    def _bad_words_token_ids(self, bad_words: list[str] | None) -> list[list[int]]:
+        """Each bad word's token ids, as vLLM finds them: the word without its leading spaces,
+        then with one leading space when that tokenizes differently into as many tokens."""
+        sequences: list[list[int]] = []
+        for word in bad_words or []:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            sequences.append(plain)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+        for ids in sequences:
+            for token in ids:
+                if token >= self.vocab_size:
+                    raise ValueError(f"bad_words has token id {token}, outside the vocabulary")
+        return sequences
 
     def _check_lora(self, lora_request: LoRARequest) -> None:
         if not isinstance(lora_request, LoRARequest):
@@ -282,7 +351,9 @@ class LLMEngine:
         request.pooling_params = params
         request.skip_reading_prefix_cache = self.config.model.pooler_config.pooling_type == "MEAN"
         self.scheduler.add_request(request)
-        self._groups[request_id] = _Group(text, token_ids, [request], [], params)
+        self._groups[request_id] = RequestGroup(
+            request_id, text, token_ids, [request], [], params, pooler=self.config.model.pooler_config
+        )
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Abort requests in any state; their KV blocks are freed at once. Unknown ids are ignored."""
@@ -296,7 +367,7 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_ABORTED)
                 self.runner.request_finished(seq)
-            self.plugins.hook.request_finished(output=self._make_output(request_id, group))
+            self.plugins.hook.request_finished(output=group.make_output(force=True))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -345,7 +416,12 @@ class LLMEngine:
             if group is None:
                 continue
             touched[seq.parent_id] = None
-            num_generation_tokens += self._record_tokens(group, seq, runner_output.logprobs.get(seq.request_id))
+            logprobs = runner_output.logprobs.get(seq.request_id)
+            if isinstance(group, BeamSearchGroup):
+                group.record(seq, logprobs)
+                num_generation_tokens += 1
+                continue
+            num_generation_tokens += self._record_tokens(group, seq, logprobs)
             if seq.is_finished:
                 self.runner.request_finished(seq)
         if self.runner.proposer is not None:
@@ -354,10 +430,17 @@ class LLMEngine:
         outputs = []
         for request_id in touched:
             group = self._groups[request_id]
-            outputs.append(self._make_output(request_id, group))
+            if isinstance(group, BeamSearchGroup) and group.ready():
+                group.advance(self.scheduler)
+                if group.finished:
+                    for seq in group.sequences:
+                        self.runner.request_finished(seq)
+            output = group.make_output()
+            if output is not None:
+                outputs.append(output)
             if group.finished:
                 del self._groups[request_id]
-                self.plugins.hook.request_finished(output=outputs[-1])
+                self.plugins.hook.request_finished(output=output)
 
         lora = self.scheduler.max_loras is not None
         self.plugins.hook.step_finished(
@@ -398,6 +481,8 @@ class LLMEngine:
         for request in running:
             if request.spec_token_ids or request.num_computed_tokens != request.num_tokens - 1:
                 continue  # not scheduled last step (its proposal stands), or still prefilling
+            if request.group_chooses_tokens:
+                continue  # a beam: its group, not the sampler, picks its next token
             limit = min(k, self.max_model_len - request.num_tokens - 1)
             max_tokens = request.sampling_params.max_tokens
             if max_tokens is not None:
@@ -423,7 +508,7 @@ class LLMEngine:
         seq.last_token_time = now
         return seq.num_prompt_tokens if first and seq.index == 0 else 0
 
-    def _record_tokens(self, group: _Group, seq: Request, logprobs: dict | list[dict] | None) -> int:
+    def _record_tokens(self, group: RequestGroup, seq: Request, logprobs: dict | list[dict] | None) -> int:
         """Detokenize the sequence's new tokens (several after accepted speculative tokens),
         note their logprobs, and apply stop strings: a stop string inside the step's tokens
         drops the tokens after it, as if they had never been generated. Returns the number of
@@ -431,9 +516,12 @@ class LLMEngine:
         detokenizer = group.detokenizers[seq.index]
         if logprobs is not None:
             entries = logprobs if isinstance(logprobs, list) else [logprobs]
-            for entry in entries[: seq.num_output_tokens - len(seq.logprobs)]:
-                for token_id, logprob in entry.items():
-                    logprob.decoded_token = detokenizer.decode_token(token_id)
+            start = len(seq.logprobs)
+            for token, entry in zip(seq.output_token_ids[start:], entries[: seq.num_output_tokens - start]):
+                seq.cumulative_logprob += entry[token].logprob
+                if group.params.detokenize:
+                    for token_id, logprob in entry.items():
+                        logprob.decoded_token = detokenizer.decode_token(token_id)
                 seq.logprobs.append(entry)
         num_before = len(detokenizer.output_token_ids)
         new_tokens = seq.output_token_ids[num_before:]
@@ -454,86 +542,6 @@ class LLMEngine:
             else:
                 self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
         return len(detokenizer.output_token_ids) - num_before
-
-    def _make_output(self, request_id: str, group: _Group) -> RequestOutput | EmbeddingRequestOutput:
-        params = group.params
-        if isinstance(params, PoolingParams):
-            return self._make_embedding_output(request_id, group, params)
-        completions = []
-        for seq, detok in zip(group.sequences, group.detokenizers):
-            logprobs = seq.logprobs if params.logprobs is not None else None
-            cumulative = None
-            if logprobs is not None:
-                cumulative = sum(step[token].logprob for step, token in zip(logprobs, seq.output_token_ids))
-            completions.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=detok.text,
-                    delta_text=detok.flush() if seq.is_finished else detok.get_delta(),
-                    token_ids=list(seq.output_token_ids),
-                    cumulative_logprob=cumulative,
-                    logprobs=logprobs,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-        leader = group.sequences[0]
-        prompt_logprobs = None
-        if params.prompt_logprobs is not None:
-            prompt_logprobs = [None, *leader.prompt_logprobs]
-        return RequestOutput(
-            request_id=request_id,
-            prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids,
-            outputs=completions,
-            finished=group.finished,
-            prompt_logprobs=prompt_logprobs,
-            num_cached_tokens=leader.num_cached_tokens,
-            metrics=self._timings(group),
-        )
-
-    def _make_embedding_output(
-        self, request_id: str, group: _Group, params: PoolingParams
-    ) -> EmbeddingRequestOutput:
-        (seq,) = group.sequences
-        pooler = self.config.model.pooler_config
-        embedding: list[float] = []  # aborted before its prompt was computed
-        if seq.status is RequestStatus.FINISHED_STOPPED and seq.pooled is not None:
-            normalize = pooler.normalize if params.normalize is None else params.normalize
-            embedding = pooling.finish(pooler.pooling_type, seq.pooled, seq.num_prompt_tokens, normalize)
-        return EmbeddingRequestOutput(
-            request_id=request_id,
-            prompt_token_ids=group.prompt_token_ids,
-            outputs=EmbeddingOutput(embedding),
-            finished=group.finished,
-            num_cached_tokens=seq.num_cached_tokens,
-            metrics=self._timings(group),
-        )
-
-    @staticmethod
-    def _timings(group: _Group) -> dict[str, float]:
-        """The request's ``time.monotonic()`` timestamps known so far (vLLM's RequestMetrics)."""
-        leader = group.sequences[0]
-        first_tokens = [s.first_token_time for s in group.sequences if s.first_token_time is not None]
-        timings = {
-            "arrival_time": leader.arrival_time,
-            "first_scheduled_time": leader.first_scheduled_time,
-            "first_token_time": min(first_tokens, default=None),
-            "finished_time": time.monotonic() if group.finished else None,
-        }
-        metrics = {name: value for name, value in timings.items() if value is not None}
-        drafts = sum(s.num_spec_drafts for s in group.sequences)
-        if drafts:
-            # Speculative decoding: verification steps, proposed and accepted tokens; the mean
-            # accepted length counts the target's own token of each step too.
-            proposed = sum(s.num_spec_draft_tokens for s in group.sequences)
-            accepted = sum(s.num_spec_accepted_tokens for s in group.sequences)
-            metrics["spec_num_drafts"] = drafts
-            metrics["spec_num_draft_tokens"] = proposed
-            metrics["spec_num_accepted_tokens"] = accepted
-            metrics["spec_acceptance_rate"] = accepted / proposed if proposed else 0.0
-            metrics["spec_mean_accepted_length"] = 1 + accepted / drafts
-        return metrics
 
     def shutdown(self) -> None:
         self.plugins.hook.engine_shutdown(engine=self)

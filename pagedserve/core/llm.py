@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from pagedserve.core.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pagedserve.core.config import engine_config_from_args
 from pagedserve.core.engine import LLMEngine, PromptType
 from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import EmbeddingRequestOutput, RequestOutput
 from pagedserve.core.pooling import PoolingParams
-from pagedserve.core.sampling_params import SamplingParams
+from pagedserve.core.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.core.tokenizer import apply_chat_template
 
 Messages = list[dict[str, Any]]
@@ -70,6 +72,8 @@ class LLM:
                 raise ValueError(
                     f"got {len(loras)} LoRA requests for {len(prompts)} prompts; give one, or one per prompt"
                 )
+        # As vLLM's LLM does: only the final outputs are read, so the engine reports no other.
+        params_list = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
         return self._run(prompts, params_list, use_tqdm, priority, loras)
 
     def embed(
@@ -89,6 +93,45 @@ class LLM:
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} pooling params for {len(prompts)} prompts")
         return self._run(prompts, params_list, use_tqdm, None, [None] * len(prompts))  # type: ignore[return-value]
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: per prompt, the ``beam_width`` best beams (tokens and
+        text including the prompt), best first. The beams of a prompt share its KV blocks."""
+        prompts = _prompt_list(prompts)
+        engine = self.engine
+        order: dict[str, int] = {}
+        try:
+            for i, prompt in enumerate(prompts):
+                request_id = str(next(self._ids))
+                engine.add_beam_search_request(request_id, prompt, params)
+                order[request_id] = i
+        except Exception:
+            engine.abort_request(list(order))
+            raise
+        outputs = self._collect(order, use_tqdm)
+        tokenizer = engine.tokenizer
+        results = []
+        for output in outputs:
+            sequences = []
+            for completion in output.outputs:
+                tokens = [*output.prompt_token_ids, *completion.token_ids]
+                sequences.append(
+                    BeamSearchSequence(
+                        tokens=tokens,
+                        logprobs=completion.logprobs or [],
+                        cum_logprob=completion.cumulative_logprob or 0.0,
+                        text=tokenizer.decode(tokens, skip_special_tokens=True),
+                        finish_reason=completion.finish_reason,
+                        stop_reason=completion.stop_reason,
+                    )
+                )
+            results.append(BeamSearchOutput(sequences))
+        return results
 
     def chat(
         self,
@@ -134,10 +177,15 @@ class LLM:
         except Exception:
             engine.abort_request(list(order))
             raise
-        results: list[RequestOutput | None] = [None] * len(prompts)
+        return self._collect(order, use_tqdm)
+
+    def _collect(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request of ``order`` (id -> position) finished; outputs in order."""
+        engine = self.engine
+        results: list[RequestOutput | None] = [None] * len(order)
         pending = set(order)
         try:
-            with tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm) as progress:
+            with tqdm(total=len(order), desc="Processed prompts", disable=not use_tqdm) as progress:
                 while pending:
                     for output in engine.step():
                         if output.finished and output.request_id in pending:

@@ -71,6 +71,9 @@ class Request:
         self.fork_children: list[Request] = []
         self.fork_leader: Request | None = None
 
+        #: The scheduler does not append this sequence's sampled tokens: its group picks the next
+        #: tokens of all its sequences together (beam search) from their logprobs.
+        self.group_chooses_tokens = False
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
@@ -155,6 +158,8 @@ class Request:
         inside a step's accepted speculative tokens)."""
         extra = self.num_output_tokens - num_output_tokens
         if extra > 0:
+            dropped = zip(self.output_token_ids[num_output_tokens:], self.logprobs[num_output_tokens:])
+            self.cumulative_logprob -= sum(entry[token].logprob for token, entry in dropped)
             del self.output_token_ids[num_output_tokens:]
             del self.all_token_ids[-extra:]
             del self.logprobs[num_output_tokens:]

@@ -246,7 +246,8 @@ def compute_prompt_logprobs(
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Reject token ids the model does not have (``logit_bias`` keys, ``stop_token_ids``).
+    """Reject token ids the model does not have (``logit_bias`` keys, ``stop_token_ids``,
+    ``allowed_token_ids``).
 
     The engine calls this when a request is added: an out-of-range id inside a step would
     otherwise fail the whole batch."""
@@ -256,6 +257,9 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     for token in params.stop_token_ids or []:
         if token >= vocab_size:
             raise ValueError(f"stop_token_ids has {token}, outside the vocabulary [0, {vocab_size})")
+    for token in params.allowed_token_ids or []:
+        if token >= vocab_size:
+            raise ValueError(f"allowed_token_ids has {token}, outside the vocabulary [0, {vocab_size})")
 
 
 def build_sampler(

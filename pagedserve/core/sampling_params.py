@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,27 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each ``RequestOutput`` of a request holds (vLLM's ``RequestOutputKind``)."""
+
+    #: Every output holds all the tokens and text so far (copied each step).
+    CUMULATIVE = 0
+    #: Each output holds only what is new since the previous one: O(new tokens) a step.
+    DELTA = 1
+    #: One output, when the request finished.
+    FINAL_ONLY = 2
+
+
+#: A per-request logits processor, vLLM's offline form: ``fn(output_token_ids, logits)`` or
+#: ``fn(prompt_token_ids, output_token_ids, logits)`` returning the row's (changed) logits.
+LogitsProcessorFn = Callable[..., Any]
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -87,6 +110,8 @@ class SamplingParams:
     """How to sample one request's completions (see vLLM's ``SamplingParams``)."""
 
     n: int = 1
+    #: Sequences sampled; the ``n`` with the highest cumulative logprob are returned (>= n).
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -107,10 +132,25 @@ class SamplingParams:
     skip_special_tokens: bool = True
     #: Constrain the output to a JSON schema, regex, choice or grammar (a grammar-backend plugin).
     structured_outputs: StructuredOutputsParams | None = None
+    spaces_between_special_tokens: bool = True
+    #: False: no text at all (token ids only); stop strings then cannot be used.
+    detokenize: bool = True
+    #: Words never generated: each is banned as a token sequence, with and without a leading
+    #: space, once the tokens before its last one have been generated.
+    bad_words: list[str] | None = None
+    #: Only these token ids may be sampled.
+    allowed_token_ids: list[int] | None = None
+    #: Keep only the last k prompt tokens (-1: the last max_model_len).
+    truncate_prompt_tokens: int | None = None
+    #: Per-request callables on the request's logits row (offline only; see LogitsProcessorFn).
+    logits_processors: list[LogitsProcessorFn] | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     #: Options for third-party logits processors, keyed by whatever they document.
     extra_args: dict[str, Any] | None = None
     #: Filled by the engine: the model's EOS ids (from generation_config / tokenizer).
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    #: Filled by the engine from ``bad_words``: the token sequences to ban.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1)
@@ -165,10 +205,53 @@ class SamplingParams:
             raise ValueError("structured_outputs must be a StructuredOutputsParams")
         if self.extra_args is not None and not isinstance(self.extra_args, dict):
             raise ValueError("extra_args must be a dict")
+        self._check_vllm_extras()
+
+    def _check_vllm_extras(self) -> None:
+        """The fields beyond OpenAI's: best_of, token filters, output shape, prompt truncation."""
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, 1)
+            if self.best_of < self.n:
+                raise ValueError(f"best_of must be at least n ({self.n}), got {self.best_of}")
+        for name in ("skip_special_tokens", "spaces_between_special_tokens", "detokenize"):
+            _check_bool(name, getattr(self, name))
+        if not self.detokenize and self.stop:
+            raise ValueError("detokenize=False cannot be used with stop strings: set detokenize=True")
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError("bad_words must be a list of non-empty strings")
+            self.bad_words = list(words)
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids")
+            for token in self.allowed_token_ids:
+                _check_int("allowed_token_ids[]", token, 0)
+        if self.truncate_prompt_tokens is not None:
+            value = self.truncate_prompt_tokens
+            if not isinstance(value, int) or isinstance(value, bool) or not (value >= 1 or value == -1):
+                raise ValueError(f"truncate_prompt_tokens must be -1 or an integer >= 1, got {value!r}")
+        if self.logits_processors is not None:
+            if not isinstance(self.logits_processors, (list, tuple)) or not all(
+                callable(f) for f in self.logits_processors
+            ):
+                raise ValueError("logits_processors must be a list of callables")
+            self.logits_processors = list(self.logits_processors)
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(
+                f"output_kind must be a RequestOutputKind (0, 1 or 2), got {self.output_kind!r}"
+            ) from None
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPSILON
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs for this request: ``best_of`` when given, else ``n``."""
+        return self.best_of if self.best_of is not None else self.n
 
     def clone(self, **changes: Any) -> SamplingParams:
         """A copy with some fields changed (validated again)."""

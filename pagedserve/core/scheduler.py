@@ -420,6 +420,21 @@ class Scheduler:
             self.running.append(sibling)
         return siblings
 
+    def fork_into(self, parent: Request, target: Request) -> None:
+        """Make ``target``, a running or preempted sequence, continue from ``parent``'s computed
+        tokens (a beam search beam taking a dropped beam's seat): its own blocks are freed at
+        once, then it shares the parent's copy-on-write. If either is not running (preempted),
+        the target is preempted and will recompute. The caller then sets its tokens."""
+        running = RequestStatus.RUNNING
+        if parent.status is running and target.status is running:
+            self.kv_cache.free(target)
+            self.kv_cache.fork(parent, target)
+            target.num_computed_tokens = parent.num_computed_tokens
+            return
+        if target.status is running:
+            self._preempt(target)
+        target.block_hashes = []  # of its old tokens
+
     # -- after the model ran ------------------------------------------------------------------
 
     def update_from_output(
@@ -446,6 +461,9 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, RequestStatus.FINISHED_STOPPED, None)
                 changed.append(request)
+                continue
+            if request.group_chooses_tokens:
+                changed.append(request)  # its group picks the token (see fork_into)
                 continue
             try:
                 token = sampled_token_ids[request.request_id]

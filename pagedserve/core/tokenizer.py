@@ -105,9 +105,20 @@ class IncrementalDetokenizer:
         self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
         self._backend = tokenizer.backend_tokenizer
-        self._stream = DecodeStream(
-            ids=list(prompt_token_ids), skip_special_tokens=params.skip_special_tokens
-        )
+        self._detokenize = params.detokenize
+        self._stream = None
+        if params.detokenize:
+            self._stream = DecodeStream(
+                ids=list(prompt_token_ids), skip_special_tokens=params.skip_special_tokens
+            )
+        # vLLM's fast-tokenizer rule: without spaces between special tokens, a special token
+        # right after another is its bare content (no space the decoder may put before it).
+        self._added_tokens: dict[int, str] = {}
+        if not (params.skip_special_tokens or params.spaces_between_special_tokens):
+            self._added_tokens = {
+                token_id: added.content for token_id, added in tokenizer.added_tokens_decoder.items()
+            }
+        self._last_added = False
         self._stops: list[str] = list(params.stop or [])
         self._include_stop = params.include_stop_str_in_output
         self._longest_stop = max((len(s) for s in self._stops), default=0)
@@ -139,8 +150,13 @@ class IncrementalDetokenizer:
         if stop_terminated and not self._include_stop:
             to_decode = new_token_ids[:-1]
         start = len(self._text)
-        for token in to_decode:
+        for token in to_decode if self._detokenize else ():
             piece = self._stream.step(self._backend, token)
+            if self._added_tokens:
+                added = self._added_tokens.get(token)
+                if added is not None and self._last_added:
+                    piece = added
+                self._last_added = added is not None
             if piece:
                 self._text += piece
         match = self._find_stop(start)

@@ -14,7 +14,6 @@ from fastapi.responses import Response
 from jinja2 import TemplateError
 
 from pagedserve.core.async_engine import RequestStream
-from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.tokenizer import apply_chat_template
 from pagedserve.plugins.structured.tool_parsers import ExtractedToolCalls, ToolParser
@@ -34,6 +33,7 @@ from pagedserve.server.protocol import (
 )
 from pagedserve.server.serving import (
     ServerState,
+    StreamTally,
     choice_deltas,
     collect,
     event_stream,
@@ -110,7 +110,7 @@ def _sampling_params(
         if structured is not None:
             raise APIError(400, f"{source} cannot be combined with tool_choice {choice!r}", param=source)
         structured, source = forced, "tools"
-    params = body.to_sampling_params(max_tokens, logprobs, None, state.sampling_defaults, structured)
+    params = body.to_sampling_params(max_tokens, logprobs, body.prompt_logprobs, state.sampling_defaults, structured)
     if choice == "auto" and state.tool_parser is not None:
         params.skip_special_tokens = body.skip_special_tokens and state.tool_parser.skip_special_tokens
     return params, source
@@ -156,7 +156,11 @@ async def create_chat_completion(
             )
         )
     return ChatCompletionResponse(
-        id=request_id, model=body.model or state.model_name, choices=choices, usage=usage(outputs)
+        id=request_id,
+        model=body.model or state.model_name,
+        choices=choices,
+        usage=usage(outputs),
+        prompt_logprobs=state.prompt_logprobs(output.prompt_logprobs),
     )
 
 
@@ -183,9 +187,9 @@ async def _chunks(
 
     for index in range(body.num_choices):
         yield chunk(ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
-    finals: dict[str, RequestOutput] = {}
+    tally = StreamTally()
     calls = {index: ToolCallStream(choice, parser) for index in range(body.num_choices)}
-    async for delta in choice_deltas(stream, body.num_choices, finals):
+    async for delta in choice_deltas(stream, body.num_choices, tally):
         content, call_deltas = calls[delta.index].feed(delta.text, delta.finish_reason is not None)
         if not content and not call_deltas and delta.finish_reason is None and not body.logprobs:
             continue  # text held back (a possible stop string or call) and no logprobs to send
@@ -205,5 +209,5 @@ async def _chunks(
             created=created,
             model=body.model or state.model_name,
             choices=[],
-            usage=usage([finals[i] for i in stream.request_ids]),
+            usage=tally.usage(),
         )

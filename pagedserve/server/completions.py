@@ -18,6 +18,7 @@ from pagedserve.server.errors import APIError
 from pagedserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from pagedserve.server.serving import (
     ServerState,
+    StreamTally,
     choice_deltas,
     collect,
     event_stream,
@@ -50,10 +51,10 @@ def _prompts(body: CompletionRequest, state: ServerState) -> list[Prompt]:
 def _check_supported(body: CompletionRequest) -> None:
     if body.suffix is not None:
         raise APIError(400, "suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != body.num_choices:
+    best_of = body.best_of if body.best_of is not None else body.num_choices
+    if best_of > body.num_choices and body.stream:
         raise APIError(
-            400,
-            f"best_of={body.best_of} is not supported: only best_of equal to n ({body.num_choices})",
+            400, "best_of greater than n cannot be streamed: the best are known only at the end",
             param="best_of",
         )
 
@@ -68,10 +69,13 @@ async def create_completion(
     prompts = _prompts(body, state)
     for _, ids in prompts:
         state.check_length(len(ids), body.max_tokens)
-    echo_logprobs = body.logprobs if body.echo else None
+    prompt_logprobs = body.prompt_logprobs
+    if prompt_logprobs is None and body.echo:
+        prompt_logprobs = body.logprobs
     structured, source = structured_outputs_params(body)
     params = body.to_sampling_params(
-        body.max_tokens, body.logprobs, echo_logprobs, state.sampling_defaults, structured
+        body.max_tokens, body.logprobs, prompt_logprobs, state.sampling_defaults, structured,
+        best_of=body.best_of,
     )
     engine_prompts: list[PromptType] = [
         {"prompt": text, "prompt_token_ids": ids} if text is not None else {"prompt_token_ids": ids}
@@ -98,11 +102,11 @@ async def create_completion(
     )
 
 
-def _echoed(state: ServerState, prompt: Prompt, output: RequestOutput) -> tuple[str, list[int], list]:
+def _echoed(state: ServerState, prompt: Prompt, prompt_logprobs: list | None) -> tuple[str, list[int], list]:
     """The prompt's text, ids and logprobs, to put before the completion's."""
     text, ids = prompt
     prompt_text = text if text is not None else state.tokenizer.decode(ids)
-    return prompt_text, ids, list(output.prompt_logprobs or [])
+    return prompt_text, ids, list(prompt_logprobs or [])
 
 
 def _choices(
@@ -113,7 +117,7 @@ def _choices(
         for completion in output.outputs:
             text, ids, entries = completion.text, completion.token_ids, completion.logprobs or []
             if body.echo:
-                prompt_text, prompt_ids, prompt_entries = _echoed(state, prompt, output)
+                prompt_text, prompt_ids, prompt_entries = _echoed(state, prompt, output.prompt_logprobs)
                 text, ids, entries = prompt_text + text, prompt_ids + ids, prompt_entries + entries
             logprobs = state.completion_logprobs(ids, entries) if body.logprobs is not None else None
             choices.append(
@@ -123,6 +127,9 @@ def _choices(
                     logprobs=logprobs,
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
+                    prompt_logprobs=state.prompt_logprobs(output.prompt_logprobs)
+                    if body.prompt_logprobs is not None
+                    else None,
                 )
             )
     return choices
@@ -132,13 +139,13 @@ async def _chunks(
     body: CompletionRequest, state: ServerState, request_id: str, prompts: list[Prompt], stream: RequestStream
 ) -> AsyncIterator[CompletionResponse]:
     created = int(time.time())
-    finals: dict[str, RequestOutput] = {}
+    tally = StreamTally()
     text_sent: dict[int, int] = {}  # choice index -> characters sent (logprobs' text_offset)
     n = body.num_choices
-    async for delta in choice_deltas(stream, n, finals):
+    async for delta in choice_deltas(stream, n, tally):
         text, ids, entries = delta.text, delta.token_ids, delta.logprobs or []
         if body.echo and delta.first:
-            prompt_text, prompt_ids, prompt_entries = _echoed(state, prompts[delta.index // n], delta.output)
+            prompt_text, prompt_ids, prompt_entries = _echoed(state, prompts[delta.index // n], delta.prompt_logprobs)
             text, ids, entries = prompt_text + text, prompt_ids + ids, prompt_entries + entries
         if not text and delta.finish_reason is None and body.logprobs is None:
             continue  # text held back (a possible stop string) and no logprobs to send
@@ -154,7 +161,6 @@ async def _chunks(
         )
         yield CompletionResponse(id=request_id, created=created, model=body.model or state.model_name, choices=[choice])
     if body.include_usage:
-        outputs = [finals[engine_id] for engine_id in stream.request_ids]
         yield CompletionResponse(
-            id=request_id, created=created, model=body.model or state.model_name, choices=[], usage=usage(outputs)
+            id=request_id, created=created, model=body.model or state.model_name, choices=[], usage=tally.usage()
         )

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from pagedserve.core.async_engine import EngineDeadError
+from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.server.protocol import ErrorInfo, ErrorResponse
 
 #: The names the openai SDK gives its exceptions, as vLLM uses them.
@@ -26,6 +27,10 @@ ERROR_TYPES = {
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
+
+
+#: Field names a ValueError's message may start with (then named as the error's param).
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__) | {"best_of", "use_beam_search"}
 
 
 class APIError(Exception):
@@ -83,7 +88,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
-    return error_response(400, str(exc))
+    """A refused value; SamplingParams' messages start with the field they name."""
+    message = str(exc)
+    first = message.split(" ", 1)[0].split("[", 1)[0].strip("'\"(),:")
+    return error_response(400, message, first if first in _SAMPLING_FIELDS else None)
 
 
 async def _engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:

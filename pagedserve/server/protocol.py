@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from pagedserve.core.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
+from pagedserve.core.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 #: Sampling fields a model's generation_config.json may give defaults for (as vLLM applies them).
@@ -62,6 +62,11 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
     # Structured output (server/structured.py): OpenAI's response_format, vLLM's extras.
     response_format: ResponseFormat | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -87,6 +92,7 @@ class SamplingRequest(BaseModel):
         prompt_logprobs: int | None,
         defaults: dict[str, Any],
         structured_outputs: StructuredOutputsParams | None = None,
+        **extra: Any,
     ) -> SamplingParams:
         """The engine's SamplingParams; fields the request leaves out take the model's
         generation_config defaults, then OpenAI's. ValueError for an invalid value."""
@@ -109,6 +115,13 @@ class SamplingRequest(BaseModel):
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=structured_outputs,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            bad_words=self.bad_words,
+            allowed_token_ids=self.allowed_token_ids,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            # Streams send what is new each step; a plain response needs only the end.
+            output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            **extra,
         )
 
 
@@ -211,12 +224,25 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's ``Logprob`` as its ``prompt_logprobs`` extra shows it."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+#: Per prompt token (None for the first): token id (as a string key) -> its logprob.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -263,6 +289,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaFunctionCall(BaseModel):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
@@ -27,6 +27,8 @@ from pagedserve.plugins.structured.tool_parsers import ToolParser
 from pagedserve.server.errors import APIError, error_body
 from pagedserve.server.protocol import (
     CompletionLogProbs,
+    PromptLogprob,
+    PromptLogprobs,
     SamplingRequest,
     TokenLogprob,
     TopLogprob,
@@ -79,6 +81,10 @@ class ServerState:
                 400,
                 f"n={body.num_choices} is more than this server's max_num_seqs ({self.max_num_seqs})",
                 param="n",
+            )
+        if body.prompt_logprobs is not None and body.stream:
+            raise APIError(
+                400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
             )
         if body.stream_options is not None and not body.stream:
             raise APIError(
@@ -137,6 +143,22 @@ class ServerState:
             result.top_logprobs.append({self.token_text(t): max(lp.logprob, MIN_LOGPROB) for t, lp in ranked})
         return result
 
+    def prompt_logprobs(self, entries: list[TokenLogprobs | None] | None) -> PromptLogprobs | None:
+        """vLLM's ``prompt_logprobs`` extra: per prompt token, token id -> logprob, rank, text."""
+        if entries is None:
+            return None
+        return [
+            None
+            if entry is None
+            else {
+                str(token): PromptLogprob(
+                    logprob=max(lp.logprob, MIN_LOGPROB), rank=lp.rank, decoded_token=self.token_text(token)
+                )
+                for token, lp in entry.items()
+            }
+            for entry in entries
+        ]
+
     def chat_logprobs(
         self, token_ids: list[int], entries: list[TokenLogprobs], num_top: int
     ) -> list[TokenLogprob]:
@@ -177,40 +199,61 @@ class ChoiceDelta:
     finish_reason: str | None
     stop_reason: int | str | None
     first: bool
+    #: The request's prompt logprobs (``[None, ...]``), when it asked for them.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
-async def choice_deltas(
-    stream: RequestStream, n: int, finals: dict[str, RequestOutput]
-) -> AsyncIterator[ChoiceDelta]:
-    """The new tokens and text of each choice (index ``prompt * n + i``) as outputs come,
-    until every choice finished; ``finals`` keeps each request's latest output."""
+@dataclass
+class StreamTally:
+    """What a stream of DELTA outputs added up to: the usage, and each request's prompt
+    logprobs (only its first output carries them)."""
+
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+
+    def add(self, output: RequestOutput) -> None:
+        self.prompt_tokens[output.request_id] = len(output.prompt_token_ids)
+        self.completion_tokens += sum(len(c.token_ids) for c in output.outputs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs[output.request_id] = output.prompt_logprobs
+
+    def usage(self) -> UsageInfo:
+        prompt = sum(self.prompt_tokens.values())
+        return UsageInfo(
+            prompt_tokens=prompt,
+            completion_tokens=self.completion_tokens,
+            total_tokens=prompt + self.completion_tokens,
+        )
+
+
+async def choice_deltas(stream: RequestStream, n: int, tally: StreamTally) -> AsyncIterator[ChoiceDelta]:
+    """The new tokens and text of each choice (index ``prompt * n + i``) as the stream's DELTA
+    outputs come, until every choice finished; ``tally`` adds them up."""
     prompt_index = {request_id: i for i, request_id in enumerate(stream.request_ids)}
-    sent: dict[int, int] = {}  # choice index -> tokens reported
+    started: set[int] = set()
     finished: set[int] = set()
     async for output in stream:
-        finals[output.request_id] = output
+        tally.add(output)
         for completion in output.outputs:
             index = prompt_index[output.request_id] * n + completion.index
-            start = sent.get(index, 0)
-            new_ids = completion.token_ids[start:]
+            new_ids = completion.token_ids
             if index in finished or not (new_ids or completion.delta_text or completion.finish_reason):
                 continue
-            first = index not in sent
-            sent[index] = len(completion.token_ids)
+            first = index not in started
+            started.add(index)
             if completion.finish_reason is not None:
                 finished.add(index)
-            logprobs = None
-            if completion.logprobs is not None:  # the engine's list, which may grow meanwhile
-                logprobs = completion.logprobs[start : start + len(new_ids)]
             yield ChoiceDelta(
                 index=index,
                 output=output,
                 text=completion.delta_text,
                 token_ids=new_ids,
-                logprobs=logprobs,
+                logprobs=completion.logprobs,
                 finish_reason=completion.finish_reason,
                 stop_reason=completion.stop_reason,
                 first=first,
+                prompt_logprobs=tally.prompt_logprobs.get(output.request_id),
             )
 
 

@@ -1,7 +1,12 @@
-"""The built-in logits processors: logit bias, min tokens and the repetition/frequency/presence
-penalties, with vLLM's (and OpenAI's) meanings. Each touches only the rows that use it."""
+"""The built-in logits processors: allowed token ids, bad words, per-request callables, logit
+bias, min tokens and the repetition/frequency/presence penalties, with vLLM's (and OpenAI's)
+meanings. Each touches only the rows that use it."""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -88,4 +93,68 @@ class PenaltiesProcessor(LogitsProcessor):
         selected = torch.where(seen, penalised, selected)
         selected = selected - frequency * counts - presence * (counts > 0).to(logits.dtype)
         logits[index] = selected
+        return logits
+
+
+class AllowedTokenIdsProcessor(LogitsProcessor):
+    """Rows with ``allowed_token_ids``: every other token is masked to -inf."""
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        rows = [i for i, p in enumerate(batch.params) if p.allowed_token_ids is not None]
+        if not rows:
+            return logits
+        keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
+        for position, row in enumerate(rows):
+            keep[position, batch.params[row].allowed_token_ids] = True
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~keep, float("-inf"))
+        return logits
+
+
+class BadWordsProcessor(LogitsProcessor):
+    """vLLM's ``bad_words``: a banned token sequence's last token is masked once the output
+    ends with the tokens before it (a one-token word is masked always)."""
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        rows: list[int] = []
+        tokens: list[int] = []
+        for row, (request, params) in enumerate(zip(batch.requests, batch.params)):
+            if not params.bad_words_token_ids:
+                continue
+            output = request.output_token_ids
+            for word in params.bad_words_token_ids:
+                prefix = len(word) - 1
+                if prefix == 0 or (len(output) >= prefix and output[-prefix:] == word[:-1]):
+                    rows.append(row)
+                    tokens.append(word[-1])
+        if rows:
+            minus_inf = torch.tensor(float("-inf"), device=logits.device)
+            logits.index_put_(_cells(rows, tokens, logits.device), minus_inf)
+        return logits
+
+
+def _takes_prompt(function: Callable[..., Any]) -> bool:
+    """Whether a per-request processor has vLLM's three-argument form (prompt, output, logits)."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
+
+
+class PerRequestProcessor(LogitsProcessor):
+    """vLLM's offline per-request ``logits_processors``: each callable gets the request's
+    output token ids (and, with three parameters, its prompt ids first) and its logits row,
+    and returns the row. Only the rows that have callables pay (one call per callable)."""
+
+    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        for row, (request, params) in enumerate(zip(batch.requests, batch.params)):
+            for function in params.logits_processors or ():
+                if _takes_prompt(function):
+                    result = function(request.prompt_token_ids, request.output_token_ids, logits[row])
+                else:
+                    result = function(request.output_token_ids, logits[row])
+                if result is not logits[row]:
+                    logits[row] = result
         return logits
