@@ -101,3 +101,38 @@ def test_streamed_deltas_add_up_to_the_plain_response(client: openai.OpenAI) -> 
         usage = chunk.usage or usage
     assert texts == {c.index: c.text for c in plain.choices}
     assert usage.completion_tokens == plain.usage.completion_tokens == 24
+
+
+def offline_beams(model_dir, prompt_ids: list[int], params) -> list[str]:
+    from pagedserve import LLM
+
+    engine = LLM(str(model_dir), dtype="float32").engine
+    engine.add_beam_search_request("b", {"prompt_token_ids": prompt_ids}, params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    return [c.text for c in outputs[-1].outputs]
+
+
+def test_use_beam_search_gives_the_offline_beams(server: Server, client: openai.OpenAI, tiny_model) -> None:
+    from pagedserve import BeamSearchParams
+
+    prompt_ids = httpx2.post(f"{server.url}/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    extra = {"use_beam_search": True, "length_penalty": 0.5, "ignore_eos": True}
+    completion = client.completions.create(model=None, prompt=PROMPT, n=3, max_tokens=6, temperature=0.0, extra_body=extra)
+    expected = offline_beams(tiny_model(), prompt_ids, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5, ignore_eos=True))
+    assert [c.text for c in completion.choices] == expected
+    assert [c.index for c in completion.choices] == [0, 1, 2] and completion.usage.completion_tokens == 18
+    streamed = {}
+    for chunk in client.completions.create(model=None, prompt=PROMPT, n=3, max_tokens=6, extra_body=extra, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(3)] == expected
+    chat = client.chat.completions.create(
+        model=None, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=4, extra_body=extra
+    )
+    assert len(chat.choices) == 2 and all(c.finish_reason == "length" for c in chat.choices)
+    refused = post(server, "completions", {"prompt": PROMPT, "use_beam_search": True, "logprobs": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+    bad = post(server, "completions", {"prompt": PROMPT, "use_beam_search": True, "early_stopping": "maybe"})
+    assert bad.status_code == 400 and "early_stopping" in bad.json()["error"]["message"]

@@ -24,6 +24,7 @@ from pagedserve.core.engine import LLMEngine, PromptType
 from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class RequestStream:
 class _Add:
     stream: RequestStream
     prompts: list[PromptType]
-    params: SamplingParams
+    params: SamplingParams | BeamSearchParams
     lora_request: LoRARequest | None = None
 
 
@@ -163,7 +164,7 @@ class AsyncLLMEngine:
         self,
         request_ids: list[str],
         prompts: list[PromptType],
-        params: SamplingParams,
+        params: SamplingParams | BeamSearchParams,
         lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Add one request per prompt, all or none: ValueError (nothing added) when the engine
@@ -256,7 +257,12 @@ class AsyncLLMEngine:
         added: list[str] = []
         try:
             for request_id, prompt in zip(command.stream.request_ids, command.prompts):
-                self.engine.add_request(request_id, prompt, command.params, lora_request=command.lora_request)
+                if isinstance(command.params, BeamSearchParams):
+                    if command.lora_request is not None:
+                        raise ValueError("use_beam_search cannot be used with a LoRA adapter yet")
+                    self.engine.add_beam_search_request(request_id, prompt, command.params)
+                else:
+                    self.engine.add_request(request_id, prompt, command.params, lora_request=command.lora_request)
                 added.append(request_id)
         except Exception as exc:
             self.engine.abort_request(added)

@@ -116,6 +116,15 @@ def _sampling_params(
     return params, source
 
 
+def _check_beam_search(body: ChatCompletionRequest) -> None:
+    """Beams are scored by the model alone: no constraint or tool grammar can join them."""
+    structured, source = structured_outputs_params(body)
+    if structured is not None:
+        raise APIError(400, f"{source} cannot be used with use_beam_search", param=source)
+    if body.tools:
+        raise APIError(400, "tools cannot be used with use_beam_search", param="tools")
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: Annotated[ServerState, Depends(get_state)]
@@ -127,7 +136,11 @@ async def create_chat_completion(
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.tools)
     state.check_length(len(ids), max_tokens)
-    params, source = _sampling_params(body, state, choice, max_tokens)
+    if body.use_beam_search:
+        _check_beam_search(body)
+        params, source = body.to_beam_search_params(max_tokens or state.max_model_len - len(ids)), None
+    else:
+        params, source = _sampling_params(body, state, choice, max_tokens)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     try:
         stream = await state.add(request_id, [{"prompt_token_ids": ids}], params, lora_request)

@@ -73,10 +73,16 @@ async def create_completion(
     if prompt_logprobs is None and body.echo:
         prompt_logprobs = body.logprobs
     structured, source = structured_outputs_params(body)
-    params = body.to_sampling_params(
-        body.max_tokens, body.logprobs, prompt_logprobs, state.sampling_defaults, structured,
-        best_of=body.best_of,
-    )
+    if body.use_beam_search:
+        if structured is not None:
+            raise APIError(400, f"{source} cannot be used with use_beam_search", param=source)
+        longest = max(len(ids) for _, ids in prompts)
+        params = body.to_beam_search_params(body.max_tokens or state.max_model_len - longest)
+    else:
+        params = body.to_sampling_params(
+            body.max_tokens, body.logprobs, prompt_logprobs, state.sampling_defaults, structured,
+            best_of=body.best_of,
+        )
     engine_prompts: list[PromptType] = [
         {"prompt": text, "prompt_token_ids": ids} if text is not None else {"prompt_token_ids": ids}
         for text, ids in prompts

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 TokenId = Annotated[int, Field(strict=True, ge=0)]
@@ -76,6 +77,10 @@ class SamplingRequest(BaseModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
+    # vLLM's beam search extras: n beams; early_stopping as transformers' (and vLLM 0.6's).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     @property
     def num_choices(self) -> int:
@@ -122,6 +127,19 @@ class SamplingRequest(BaseModel):
             # Streams send what is new each step; a plain response needs only the end.
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
             **extra,
+        )
+
+
+    def to_beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """``use_beam_search``: ``n`` beams, the best ``n`` returned. ValueError when invalid."""
+        return BeamSearchParams(
+            beam_width=self.num_choices,
+            max_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=self.temperature or 0.0,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            early_stopping=self.early_stopping,
         )
 
 

@@ -18,6 +18,7 @@ from starlette.background import BackgroundTask
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.core.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.engine import PromptType
 from pagedserve.core.lora import LoRARequest
 from pagedserve.core.outputs import RequestOutput
@@ -82,6 +83,11 @@ class ServerState:
                 f"n={body.num_choices} is more than this server's max_num_seqs ({self.max_num_seqs})",
                 param="n",
             )
+        if body.use_beam_search:
+            for name in ("logprobs", "prompt_logprobs", "best_of"):
+                value = getattr(body, name, None)
+                if value is not None and value is not False:
+                    raise APIError(400, f"{name} cannot be used with use_beam_search", param=name)
         if body.prompt_logprobs is not None and body.stream:
             raise APIError(
                 400, "prompt_logprobs are not available when stream is true", param="prompt_logprobs"
@@ -112,7 +118,7 @@ class ServerState:
             )
 
     async def add(
-        self, request_id: str, prompts: list[PromptType], params: SamplingParams,
+        self, request_id: str, prompts: list[PromptType], params: SamplingParams | BeamSearchParams,
         lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Add one engine request per prompt (ids ``request_id-i``)."""
