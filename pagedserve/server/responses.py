@@ -101,7 +101,8 @@ class StreamEvent(BaseModel):
 def _check_supported(body: ResponsesRequest) -> None:
     if body.tools:
         raise APIError(
-            400, "tools are not supported by /v1/responses yet (no structured output)", param="tools"
+            400, "tools are not supported by /v1/responses yet; /v1/chat/completions serves tool calling",
+            param="tools",
         )
     if body.background:
         raise APIError(400, "background responses are not supported", param="background")
