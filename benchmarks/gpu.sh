@@ -25,3 +25,4 @@ pagedserve --log-level WARNING bench throughput --model "$shape" --load-format d
     --max-model-len 4096 --max-num-seqs 256 --num-prompts 256 --lengths fixed:1024,1024 \
     --baseline hf --sequential-prompts 4 --output-json "$out/throughput-$tag.json"
 python benchmarks/attention.py --out "$out/attention-$tag.json"
+python benchmarks/moe_kernel.py --out "$out/moe-kernel-$tag.json"

@@ -18,7 +18,7 @@ from pagedserve import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-MAX_TOKENS = 16
+MAX_TOKENS = 12
 FAMILIES = {
     "qwen2-windowed": (
         "Qwen2ForCausalLM",

@@ -321,8 +321,8 @@ class DecoderForCausalLM(nn.Module):
 
     @classmethod
     def decoder_options(cls, hf_config: Any) -> DecoderOptions:
-        """This family's choices, read from its config (the base: Llama's)."""
-        raise NotImplementedError
+        """This family's choices, read from its config (every family implements it)."""
+        raise NotImplementedError(f"{cls.__name__} must implement decoder_options")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

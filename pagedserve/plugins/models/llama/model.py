@@ -9,15 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pagedserve.plugins.models.checkpoint import MERGED_WEIGHTS
-from pagedserve.plugins.models.decoder import (
-    DecoderForCausalLM,
-    DecoderOptions,
-    head_dim_of,
-    sliding_windows_from_config,
-)
-
-__all__ = ["MERGED_WEIGHTS", "LlamaForCausalLM", "head_dim_of"]
+from pagedserve.plugins.models.decoder import DecoderForCausalLM, DecoderOptions, sliding_windows_from_config
 
 
 class LlamaForCausalLM(DecoderForCausalLM):
