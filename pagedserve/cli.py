@@ -47,6 +47,9 @@ _ENGINE_OPTIONS = [
     click.option("--max-loras", type=int, default=1, show_default=True, help="Distinct LoRA adapters a step may hold."),
     click.option("--max-lora-rank", type=int, default=16, show_default=True, help="The largest adapter rank served."),
     click.option("--max-cpu-loras", type=int, default=None, help="LoRA adapters kept in memory (default: --max-loras)."),
+    click.option("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                 help='Speculative decoding, JSON with vLLM\'s keys: \'{"method": "ngram", '
+                      '"num_speculative_tokens": 4}\' (methods: ngram, suffix, draft_model).'),
 ]
 
 
@@ -62,7 +65,7 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
              "attention_backend", "torch_compile", "device", "seed", "pooler_config", "enable_lora",
-             "max_loras", "max_lora_rank", "max_cpu_loras")
+             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config")
     return {name: kwargs[name] for name in names}
 
 

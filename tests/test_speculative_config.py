@@ -38,3 +38,26 @@ def test_dict_json_and_defaults() -> None:
 def test_bad_values_say_what_to_change(value, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         engine_config_from_args("m", speculative_config=value)
+
+
+def test_spec_decode_metrics_count_each_step() -> None:
+    from pagedserve.core.engine import StepStats
+    from pagedserve.core.metrics import EngineMetrics
+    from pagedserve.core.speculative import SpecDecodingStats
+
+    metrics = EngineMetrics("tiny")
+    stats = SpecDecodingStats()
+    stats.observe(4, 2)
+    stats.observe(3, 3)
+    step = StepStats(0, 0, 0, 0.0, 0, 0.0, 0.0, spec_decoding=stats)
+    metrics.step_finished(step)
+    metrics.step_finished(step)
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(f"pagedserve:{name}", {"model_name": "tiny", **labels})
+
+    assert value("spec_decode_num_drafts_total") == 4
+    assert value("spec_decode_num_draft_tokens_total") == 14
+    assert value("spec_decode_num_accepted_tokens_total") == 10
+    per_pos = [value("spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(3)]
+    assert per_pos == [4, 4, 2]

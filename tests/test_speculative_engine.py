@@ -157,3 +157,24 @@ def test_start_up_errors(tmp_path, tokenizer_dir, model) -> None:
         LLM(model_dir, speculative_config={"method": "eagle", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match="needs a 'model'"):
         LLM(model_dir, speculative_config={"method": "draft_model", "num_speculative_tokens": 2})
+
+
+def test_step_counts_add_up_to_request_metrics(model) -> None:
+    model_dir, _, draft = model
+    llm = LLM(model_dir, dtype="float32", speculative_config=spec_config("ngram", draft))
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    for i, prompt in enumerate(BASE):
+        engine.add_request(str(i), prompt, params)
+    totals = [0, 0, 0]
+    finished = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        stats = engine.scheduler.spec_stats
+        totals = [totals[0] + stats.num_drafts, totals[1] + stats.num_draft_tokens, totals[2] + stats.num_accepted_tokens]
+        assert sum(stats.num_accepted_tokens_per_pos) == stats.num_accepted_tokens
+    names = ["spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens"]
+    assert totals == [sum(o.metrics.get(n, 0) for o in finished.values()) for n in names]
+    assert totals[0] > 0

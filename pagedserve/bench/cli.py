@@ -123,6 +123,62 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         click.echo(f"wrote {path}")
 
 
+@bench.command()
+@click.option("--model", default=None, help="HF model folder or hub id (default: the bundled model).")
+@engine_options
+@click.option("--batch-size", default="1", metavar="N[,N...]", show_default=True,
+              help="Sequences per batch; several (1,16,64) to find where speculation stops paying.")
+@click.option("--input-len", type=int, default=256, show_default=True, help="Most prompt tokens.")
+@click.option("--output-len", type=int, default=128, show_default=True)
+@click.option("--workload", type=click.Choice(["random", "stdlib", "stdlib-edit"]), default="random",
+              show_default=True, help="Prompts: random ids, held-out stdlib files, or a held-out file to rewrite.")
+@click.option("--num-iters", type=int, default=3, show_default=True)
+@click.option("--num-iters-warmup", type=int, default=1, show_default=True)
+@click.option("--workload-seed", type=int, default=0)
+@click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+def latency(model: str | None, batch_size: str, input_len: int, output_len: int, workload: str, num_iters: int,
+            num_iters_warmup: int, workload_seed: int, output_json: str | None, **kwargs: Any) -> None:
+    """Latency of one batch end to end (greedy, ignore_eos), as ``vllm bench latency``. With
+    ``--speculative-config``, also without it in the same run: the speed-up and the mean
+    accepted length (tokens per verification step, the target's own one included)."""
+    from pagedserve.bench.latency import make_prompts, run_latency
+    from pagedserve.bench.report import format_table, write_result
+    from pagedserve.core.config import engine_config_from_args
+    from pagedserve.core.engine import LLMEngine
+
+    model = model or default_model()
+    try:
+        sizes = [int(n) for n in batch_size.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{batch_size!r} is not a comma-separated list", param_hint="--batch-size")
+    args = engine_args(kwargs)
+    speculative = args.pop("speculative_config")
+    engines = {"plain": LLMEngine(engine_config_from_args(model, **args))}
+    if speculative is not None:
+        engines["speculative"] = LLMEngine(engine_config_from_args(model, speculative_config=speculative, **args))
+    plain = engines["plain"]
+    prompts = make_prompts(workload, plain, max(sizes) * (num_iters + num_iters_warmup), input_len, output_len,
+                           workload_seed)
+    results: dict[str, Any] = {}
+    rows: list[tuple[str, Any]] = []
+    for size in sizes:
+        for name, engine in engines.items():
+            result = run_latency(engine, prompts, size, output_len, num_iters, num_iters_warmup)
+            results[f"{name}_batch_{size}"] = result
+            rows += [(f"{name} batch {size} {key}", value) for key, value in result.items() if key != "batch_size"]
+        if speculative is not None:
+            speedup = (results[f"speculative_batch_{size}"]["output_tokens_per_s"]
+                       / results[f"plain_batch_{size}"]["output_tokens_per_s"])
+            results[f"speedup_batch_{size}"] = speedup
+            rows.append((f"speed-up batch {size}", speedup))
+    click.echo(format_table(rows))
+    if output_json:
+        settings = {"model": model, "batch_sizes": sizes, "input_len": input_len, "output_len": output_len,
+                    "workload": workload, "num_iters": num_iters, "num_iters_warmup": num_iters_warmup,
+                    "speculative_config": speculative, **args}
+        click.echo(f"wrote {write_result(output_json, 'latency', settings, results, str(plain.runner.device))}")
+
+
 def _lora_throughput(model: str, kwargs: dict[str, Any], num_loras: str, rank: int, compare_merged: bool,
                      lengths: str, num_prompts: int, workload_seed: int, output_json: str | None) -> None:
     from pagedserve.bench.lora import run_lora_benchmark

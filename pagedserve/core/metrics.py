@@ -75,6 +75,17 @@ class EngineMetrics:
             "Seconds a request waited before it was first scheduled.",
             buckets=REQUEST_BUCKETS,
         )
+        self.spec_drafts = make(Counter, "spec_decode_num_drafts", "Speculative verification steps (drafts verified).")
+        self.spec_draft_tokens = make(Counter, "spec_decode_num_draft_tokens", "Proposed tokens verified.")
+        self.spec_accepted_tokens = make(Counter, "spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
+        per_pos = Counter(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens accepted, by their position in the draft.",
+            ["model_name", "position"],
+            registry=self.registry,
+        )
+        self._spec_per_pos = per_pos
+        self._model_name = model_name
         success = Counter(
             PREFIX + "request_success",
             "Finished sequences, by finish reason.",
@@ -107,6 +118,13 @@ class EngineMetrics:
         self.prefix_hits.inc(stats.prefix_cache_hits)
         if stats.num_scheduled_tokens:
             self.iteration_tokens.observe(stats.num_scheduled_tokens)
+        spec = stats.spec_decoding
+        if spec is not None and spec.num_drafts:
+            self.spec_drafts.inc(spec.num_drafts)
+            self.spec_draft_tokens.inc(spec.num_draft_tokens)
+            self.spec_accepted_tokens.inc(spec.num_accepted_tokens)
+            for position, count in enumerate(spec.num_accepted_tokens_per_pos):
+                self._spec_per_pos.labels(self._model_name, str(position)).inc(count)
         for seconds in stats.time_to_first_tokens:
             self.ttft.observe(seconds)
         for seconds in stats.inter_token_latencies:
