@@ -61,3 +61,35 @@ def test_spec_decode_metrics_count_each_step() -> None:
     assert value("spec_decode_num_accepted_tokens_total") == 10
     per_pos = [value("spec_decode_num_accepted_tokens_per_pos_total", position=str(i)) for i in range(3)]
     assert per_pos == [4, 4, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["latency", "throughput"])
+def test_bench_commands_with_speculative_config(tiny_model, tmp_path, command: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "result.json"
+    spec = '{"method": "ngram", "num_speculative_tokens": 3, "disable_by_batch_size": 0}'
+    args = (
+        ["--workload", "random", "--input-len", "12", "--output-len", "8", "--num-iters", "1", "--batch-size", "1,2"]
+        if command == "latency"
+        else ["--num-prompts", "3", "--lengths", "fixed:12,8"]
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pagedserve", "--log-level", "WARNING", "bench", command, "--model",
+         str(tiny_model()), "--dtype", "float32", "--max-num-batched-tokens", "256", "--speculative-config", spec,
+         *args, "--output-json", str(out)],
+        check=True, capture_output=True, text=True,
+    )
+    results = json.loads(out.read_text())["results"]
+    if command == "latency":
+        assert set(results) >= {"plain_batch_1", "speculative_batch_1", "speedup_batch_2"}
+        assert results["speedup_batch_1"] == pytest.approx(
+            results["speculative_batch_1"]["output_tokens_per_s"] / results["plain_batch_1"]["output_tokens_per_s"]
+        )
+    else:
+        assert results["speedup_vs_no_speculation"] == pytest.approx(
+            results["output_tokens_per_s"] / results["no_speculation_output_tokens_per_s"]
+        )

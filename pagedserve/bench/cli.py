@@ -80,6 +80,12 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         from pagedserve.bench.throughput import compare_output_kinds as compare
 
         results["output_kinds"] = compare(engine, workload)
+    if engine.config.speculative is not None:
+        # The same workload without speculation, in the same run: the speed-up to read.
+        plain_args = {**engine_args(kwargs), "speculative_config": None}
+        plain = run_throughput(LLMEngine(engine_config_from_args(model, **plain_args)), workload)
+        results["no_speculation_output_tokens_per_s"] = plain["output_tokens_per_s"]
+        results["speedup_vs_no_speculation"] = results["output_tokens_per_s"] / plain["output_tokens_per_s"]
     rows: list[tuple[str, Any]] = []
     for name, value in results.items():
         rows += [(f"{name}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(name, value)]

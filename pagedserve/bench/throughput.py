@@ -100,6 +100,12 @@ def summarize(
         "median_step_overhead": statistics.median(overheads),
         "num_preemptions": sum(s.num_preemptions for s in steps),
     }
+    spec_steps = [s.spec_decoding for s in steps if s.spec_decoding is not None]
+    drafts = sum(s.num_drafts for s in spec_steps)
+    if drafts:
+        accepted = sum(s.num_accepted_tokens for s in spec_steps)
+        results["spec_mean_accepted_length"] = 1 + accepted / drafts
+        results["spec_acceptance_rate"] = accepted / sum(s.num_draft_tokens for s in spec_steps)
     if isinstance(engine.runner, ModelRunner):
         # Each step attends over the whole context of each running request: what they hold after
         # it (requests that finished in the step not counted, so the bound errs fast).
