@@ -175,6 +175,11 @@ def _json_list(value: Any) -> list[str]:
     return parsed
 
 
+#: The ``serve`` flags that are ServerLimits fields (left out: ServerLimits' default).
+_LIMIT_OPTIONS = ("max_request_body_bytes", "max_num_seqs_per_request", "trust_request_chat_template",
+                  "timeout_keep_alive", "timeout_header_read")
+
+
 def default_model() -> str | None:
     """The bundled default model's name, once the package ships one."""
     try:
@@ -213,6 +218,16 @@ def default_model() -> str | None:
               help='Serve tool_choice="auto" (needs --tool-call-parser).')
 @click.option("--tool-call-parser", default=None,
               help="The parser of auto tool calls: hermes, llama3_json or a plugin's.")
+@click.option("--max-request-body-bytes", type=int, default=None,
+              help="Larger request bodies get a 413 [default: 8388608 (8 MiB)].")
+@click.option("--max-num-seqs-per-request", type=int, default=None,
+              help="Sequences (n x prompts) one request may ask for [default: half of --max-num-seqs].")
+@click.option("--trust-request-chat-template", is_flag=True, default=None,
+              help="Accept a chat_template in requests (a template is code the server runs).")
+@click.option("--timeout-keep-alive", type=float, default=None,
+              help="Seconds an idle keep-alive connection stays open [default: 5].")
+@click.option("--timeout-header-read", type=float, default=None,
+              help="Seconds a connection has to send a request's headers [default: 10].")
 def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,
           served_model_name: str | None, gpu_memory_utilization: float, tensor_parallel_size: int,
           quantization: str | None, allowed_origins: list[str] | None, allowed_methods: list[str],
@@ -224,6 +239,7 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
     from pagedserve.core.loader import ModelLoadError
     from pagedserve.core.plugins import PluginError
     from pagedserve.server.app import run_server
+    from pagedserve.server.limits import ServerLimits
     from pagedserve.server.middleware import CORSOptions
     from pagedserve.server.tools import ToolOptions
 
@@ -247,7 +263,9 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
             served_model_name or model, lora_modules, kwargs["enable_lora"], enable_lora_runtime_updating, lora_roots
         )
         tools = ToolOptions(enable_auto_tool_choice, tool_call_parser)
-        run_server(config, host, port, api_key, cors, adapters, tools, log_level=logging.getLogger().getEffectiveLevel())
+        limits = ServerLimits(**{name: kwargs[name] for name in _LIMIT_OPTIONS if kwargs[name] is not None})
+        run_server(config, host, port, api_key, cors, adapters, tools, limits,
+                   log_level=logging.getLogger().getEffectiveLevel())
     except (ValueError, ModelLoadError, PluginError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -91,6 +92,36 @@ def test_missing_shard_of_an_index_is_a_clear_error(tiny_folder: Path, tmp_path:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match="shards missing.*model-00001-of-00002"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("outside", ["../other/model.safetensors", "ABSOLUTE", "sub/../../x.safetensors", ""])
+def test_an_index_cannot_name_weights_outside_the_model_folder(
+    tiny_folder: Path, tmp_path: Path, outside: str
+) -> None:
+    """The shard outside exists and is a valid checkpoint: only the folder check refuses it."""
+    model_dir, other = tmp_path / "model", tmp_path / "other"
+    model_dir.mkdir()
+    other.mkdir()
+    copy_config(tiny_folder, model_dir)
+    shutil.copy(tiny_folder / "model.safetensors", other / "model.safetensors")
+    shutil.copy(tiny_folder / "model.safetensors", tmp_path / "x.safetensors")
+    if outside == "ABSOLUTE":
+        outside = str(other / "model.safetensors")
+    names = load_file(tiny_folder / "model.safetensors")
+    index = {"weight_map": dict.fromkeys(names, outside)}
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match="not a file inside the model folder"):
+        load(model_dir)
+
+
+def test_an_index_may_name_shards_in_a_subfolder(tiny_folder: Path, tmp_path: Path) -> None:
+    copy_config(tiny_folder, tmp_path)
+    (tmp_path / "shards").mkdir()
+    shutil.copy(tiny_folder / "model.safetensors", tmp_path / "shards" / "model.safetensors")
+    names = load_file(tiny_folder / "model.safetensors")
+    index = {"weight_map": dict.fromkeys(names, "shards/model.safetensors")}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert load(tmp_path).model.norm.weight.shape == names["model.norm.weight"].shape
 
 
 def test_unknown_architecture_lists_the_known_ones(tiny_folder: Path, tmp_path: Path) -> None:

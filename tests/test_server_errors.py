@@ -67,6 +67,18 @@ COMPLETION_ERRORS = [
     ("suffix", {"prompt": "x", "suffix": "y"}, 400, "suffix is not supported"),
     ("best_of below n", {"prompt": "x", "n": 2, "best_of": 1}, 400, "best_of must be at least n"),
     ("stream_options alone", {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream"),
+    # strict: no coercion, no infinities, no absurd temperature, no empty prompt in a list
+    ("n as a string", {"prompt": "x", "n": "2"}, 400, "n: Input should be a valid integer"),
+    ("max_tokens as a float", {"prompt": "x", "max_tokens": 2.0}, 400, "max_tokens"),
+    ("stream as 1", {"prompt": "x", "stream": 1}, 400, "stream: Input should be a valid boolean"),
+    ("Infinity", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature: Input should be a finite"),
+    ("absurd temperature", {"prompt": "x", "temperature": 1e308}, 400, "temperature"),
+    ("infinite penalty", b'{"prompt": "x", "presence_penalty": -Infinity}', 400, "presence_penalty"),
+    ("an empty prompt of a list", {"prompt": ["x", ""]}, 400, "empty"),
+    ("empty token ids of a list", {"prompt": [[1], []]}, 400, "empty"),
+    # one request may not take every seat: n x prompts under the per-request cap (half of 64)
+    ("n over the per-request cap", {"prompt": "x", "n": 33}, 400, "--max-num-seqs-per-request"),
+    ("n x prompts over the cap", {"prompt": ["x", "y"], "n": 17}, 400, "34 sequences (n=17 x 2 prompts)"),
 ]
 
 
@@ -99,6 +111,22 @@ CHAT_ERRORS = [
     ("too long", {"messages": [{"role": "user", "content": LONG}]}, 400, "maximum context length"),
     ("max_completion_tokens", {"max_completion_tokens": 10**6}, 400, "too large"),
     ("unknown model", {"model": "other"}, 404, "does not exist"),
+    ("unknown role", {"messages": [{"role": "hacker", "content": "x"}]}, 400, "role 'hacker' is not one of"),
+    ("tool without its call id", {"messages": [{"role": "tool", "content": "4"}]}, 400, "needs tool_call_id"),
+    ("user without content", {"messages": [{"role": "user"}]}, 400, "a user message needs content"),
+    ("assistant with nothing", {"messages": [{"role": "assistant"}]}, 400, "needs content or tool_calls"),
+    ("content as a number", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+    ("n as a string", {"n": "2"}, 400, "n: Input should be a valid integer"),
+    ("logprobs as a string", {"logprobs": "true"}, 400, "logprobs"),
+    ("tokenize in kwargs", {"chat_template_kwargs": {"tokenize": True}}, 400, "cannot set tokenize"),
+    (
+        "server arguments in kwargs",
+        {"chat_template_kwargs": {"add_generation_prompt": False, "conversation": [], "messages": []}},
+        400,
+        "cannot set add_generation_prompt, conversation, messages",
+    ),
+    ("a template in kwargs", {"chat_template_kwargs": {"chat_template": "{{ 1 }}"}}, 400, "chat_template"),
+    ("a request's template", {"chat_template": "{{ 1 }}"}, 400, "--trust-request-chat-template"),
 ]
 
 
@@ -111,6 +139,30 @@ def test_chat_errors(server, body, status, message) -> None:
     assert_error(response, status, message)
 
 
+TOKENIZE_ERRORS = [
+    ("tokenize in kwargs", {"chat_template_kwargs": {"tokenize": True}}, "cannot set tokenize"),
+    ("conversation in kwargs", {"chat_template_kwargs": {"conversation": []}}, "cannot set conversation"),
+    ("a request's template", {"chat_template": "{% for i in range(9) %}x{% endfor %}"}, "--trust-request"),
+    ("unknown role", {"messages": [{"role": "hacker", "content": "x"}]}, "role 'hacker'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"), [c[1:] for c in TOKENIZE_ERRORS], ids=[c[0] for c in TOKENIZE_ERRORS]
+)
+def test_tokenize_errors(server, body, message) -> None:
+    """``/tokenize`` needs no key and renders the chat template like the chat route."""
+    request = {"messages": [{"role": "user", "content": "hi"}], **body}
+    assert_error(httpx2.post(f"{server.url}/tokenize", json=request, timeout=30), 400, message)
+
+
+def test_template_variables_still_reach_the_template(server) -> None:
+    """Variables that are not rendering arguments are passed on, and the server still answers."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": True}}
+    response = httpx2.post(f"{server.url}/tokenize", json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["count"] > 0
+
+
 def test_other_routes_answer_errors_in_the_same_shape(server) -> None:
     assert_error(httpx2.get(f"{server.url}/v1/nothing", headers=AUTH), 404, "Not Found")
     assert_error(httpx2.get(f"{server.url}/v1/completions", headers=AUTH), 405, "Method Not Allowed")
@@ -121,7 +173,7 @@ def test_other_routes_answer_errors_in_the_same_shape(server) -> None:
 
 
 def test_huge_values_that_are_valid_are_served(server) -> None:
-    body = {"prompt": "x", "max_tokens": 2, "seed": 10**30, "top_k": 10**30, "temperature": 1e308}
+    body = {"prompt": "x", "max_tokens": 2, "seed": 10**30, "top_k": 10**30, "temperature": 100.0}
     response = httpx2.post(f"{server.url}/v1/completions", headers=AUTH, json=body, timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 2

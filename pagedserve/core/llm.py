@@ -150,7 +150,7 @@ class LLM:
                     self.engine.tokenizer,
                     conversation,  # type: ignore[arg-type]
                     add_generation_prompt=add_generation_prompt,
-                    **(chat_template_kwargs or {}),
+                    chat_template_kwargs=chat_template_kwargs,
                 )
             }
             for conversation in conversations

@@ -11,7 +11,7 @@ import contextlib
 import json
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -131,7 +131,7 @@ def safetensors_files(path: str) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        files = [folder / shard_name(index, name) for name in sorted(set(weight_map.values()), key=str)]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise ModelLoadError(f"{index} lists shards missing from {path}: {', '.join(absent)}")
@@ -150,6 +150,19 @@ def safetensors_files(path: str) -> list[Path]:
             f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
         )
     raise ModelLoadError(f"no model weights (*.safetensors) in {path}")
+
+
+def shard_name(index: Path, name: Any) -> str:
+    """A shard file named by an index's ``weight_map``: a relative path inside the model folder.
+    Checked on the name, not the resolved path: hub snapshots link their files to blobs
+    elsewhere, but an index naming ``../x`` or ``/x`` is reading outside its folder."""
+    path = PurePosixPath(name) if isinstance(name, str) else None
+    if path is None or not path.parts or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ModelLoadError(
+            f"{index} maps weights to {name!r}, which is not a file inside the model folder; "
+            "an index may only name shards in its folder or below it, with '/' between folders"
+        )
+    return name
 
 
 def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -7,12 +7,15 @@ Loading and templating are transformers'; incremental decoding is ``tokenizers``
 
 from __future__ import annotations
 
+import inspect
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from pagedserve.core.sampling_params import SamplingParams
 
@@ -68,25 +71,58 @@ def _message_text(message: dict[str, Any]) -> dict[str, Any]:
     return {**message, "content": "\n".join(texts)}
 
 
+@cache
+def rendering_arguments() -> frozenset[str]:
+    """The names template variables may not take: the arguments of transformers' rendering
+    (``apply_chat_template`` and ``render_jinja_template``) and the ``messages`` it passes."""
+    names = {"messages"}
+    for function in (PreTrainedTokenizerBase.apply_chat_template, render_jinja_template):
+        for name, parameter in inspect.signature(function).parameters.items():
+            if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name != "self":
+                names.add(name)
+    return frozenset(names)
+
+
+def check_template_variables(variables: dict[str, Any]) -> None:
+    """ValueError when extra template variables would set a rendering argument (``tokenize``,
+    ``add_generation_prompt``, ``chat_template``, ...) rather than a variable of the template."""
+    taken = sorted(set(variables) & rendering_arguments())
+    if taken:
+        raise ValueError(
+            f"chat_template_kwargs cannot set {', '.join(taken)}: "
+            f"{'these are arguments' if len(taken) > 1 else 'it is an argument'} of the template "
+            "rendering, not template variables"
+        )
+
+
 def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict[str, Any]],
     add_generation_prompt: bool = True,
-    **kwargs: Any,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Render ``messages`` with the tokenizer's chat template and tokenize the result.
+    """Render ``messages`` (and ``tools``' schemas) with the tokenizer's chat template (or
+    ``chat_template``) and tokenize the result. ``chat_template_kwargs`` are extra template
+    variables; one that names a rendering argument is a ValueError, so they can never change
+    how rendering is done.
 
     The template places the special tokens itself, so none are added when tokenizing."""
-    if not tokenizer.chat_template:
+    variables = dict(chat_template_kwargs or {})
+    check_template_variables(variables)
+    if not (chat_template or tokenizer.chat_template):
         raise ValueError(
             "this model's tokenizer has no chat template; use the completions API with a plain "
             "prompt, or a model (or tokenizer) that ships a chat template"
         )
     text = tokenizer.apply_chat_template(
         [_message_text(m) for m in messages],
+        tools=tools,
+        chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
-        **kwargs,
+        **variables,
     )
     return tokenizer.encode(text, add_special_tokens=False)
 

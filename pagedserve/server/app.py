@@ -12,9 +12,10 @@ from types import FrameType
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve import __version__
 from pagedserve.core.async_engine import AsyncLLMEngine
@@ -22,13 +23,17 @@ from pagedserve.core.config import EngineConfig
 from pagedserve.core.plugins import get_plugin_manager
 from pagedserve.core.tokenizer import load_tokenizer
 from pagedserve.server import chat, completions, tokens
+from pagedserve.server.connections import protocol_with_header_timeout
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
+from pagedserve.server.limits import BodySizeLimitMiddleware, ServerLimits
 from pagedserve.server.middleware import CORSOptions, install_middleware, uvicorn_log_config
+from pagedserve.server.openapi import ERROR_RESPONSES, install_openapi
 from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, ModelList
 from pagedserve.server.lora import ServedAdapters
 from pagedserve.server.lora import router as lora_router
 from pagedserve.server.serving import ServerState, get_state
 from pagedserve.server.tools import ToolOptions, check_tool_options, load_tool_parser
+from pagedserve.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
 _bearer = HTTPBearer(auto_error=False)
@@ -48,14 +53,24 @@ async def check_api_key(
         raise APIError(401, "Unauthorized: send the server's API key as 'Authorization: Bearer <key>'")
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+@router.api_route(
+    "/health",
+    methods=["GET", "HEAD"],
+    response_class=PlainTextResponse,
+    responses={200: {"description": "The engine is running (an empty body, as vLLM's)"}},
+)
 async def health(state: Annotated[ServerState, Depends(get_state)]) -> Response:
     if not state.engine.is_running:
         return error_response(503, "the engine is not running")
-    return Response(status_code=200)
+    return PlainTextResponse("")
 
 
-@router.api_route("/ping", methods=["GET", "POST"])
+@router.api_route(
+    "/ping",
+    methods=["GET", "POST"],
+    response_class=PlainTextResponse,
+    responses={200: {"description": "The engine is running (an empty body)"}},
+)
 async def ping(state: Annotated[ServerState, Depends(get_state)]) -> Response:
     """SageMaker's health check, as vLLM serves it: the same as ``/health``."""
     return await health(state)
@@ -90,7 +105,7 @@ async def retrieve_model(model_id: str, state: Annotated[ServerState, Depends(ge
     raise APIError(404, f"The model `{model_id}` does not exist.", param="model")
 
 
-@router.api_route("/metrics", methods=["GET", "HEAD"])  # aiperf probes with HEAD
+@router.api_route("/metrics", methods=["GET", "HEAD"], response_class=PlainTextResponse)  # aiperf probes with HEAD
 async def metrics(state: Annotated[ServerState, Depends(get_state)]) -> Response:
     return Response(generate_latest(state.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -106,19 +121,28 @@ def create_app(
     cors: CORSOptions | None = None,
     adapters: ServedAdapters | None = None,
     tools: ToolOptions | None = None,
+    limits: ServerLimits | None = None,
 ) -> FastAPI:
     """The server of a built engine; the app's lifespan starts and stops the engine thread.
     ``registry`` holds the metrics ``/metrics`` exports. Routers that plugins register
     (``register_routes``) are included after the built-in ones. CORS headers are sent only
     when ``cors`` names origins. ``adapters``: the LoRA adapters served as models (their
-    load/unload routes answer only with runtime updating on)."""
+    load/unload routes answer only with runtime updating on). ``limits``: what one
+    client may ask (the defaults if None)."""
     llm_engine = engine.engine
     config = llm_engine.config
     model = config.model
     generation_config = llm_engine.generation_config
+    limits = limits or ServerLimits()
+    limits.seqs_per_request(config.scheduler.max_num_seqs)  # ValueError now, not per request
+
+    def tokenizer() -> PreTrainedTokenizerBase:
+        return load_tokenizer(model.tokenizer or model.model_path, model.revision)
+
     state = ServerState(
         engine=engine,
-        tokenizer=load_tokenizer(model.tokenizer or model.model_path, model.revision),
+        tokenizer=tokenizer(),
+        tokenizers=TokenizerPool(tokenizer, limits.tokenizer_threads),
         model_name=served_model_name(config),
         model_path=model.model,
         max_model_len=llm_engine.max_model_len,
@@ -128,6 +152,7 @@ def create_app(
             k: generation_config[k] for k in GENERATION_CONFIG_FIELDS if k in generation_config
         },
         registry=registry,
+        limits=limits,
         api_key=api_key,
         adapters=adapters,
     )
@@ -141,13 +166,20 @@ def create_app(
         try:
             yield
         finally:
+            state.tokenizers.shutdown()
             await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(
-        title="pagedserve", version=__version__, lifespan=lifespan, dependencies=[Depends(check_api_key)]
+        title="pagedserve",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(check_api_key)],
+        responses=ERROR_RESPONSES,
     )
     app.state.server = state
     install_error_handlers(app)
+    install_openapi(app, api_key_set=api_key is not None)
+    app.add_middleware(BodySizeLimitMiddleware, limit=limits.max_request_body_bytes)
     install_middleware(app, cors)
     for built_in in (router, completions.router, chat.router, tokens.router):
         app.include_router(built_in)
@@ -170,9 +202,11 @@ def run_server(
     cors: CORSOptions | None = None,
     adapters: ServedAdapters | None = None,
     tools: ToolOptions | None = None,
+    limits: ServerLimits | None = None,
     **uvicorn_args: Any,
 ) -> None:
-    """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0)."""
+    """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0).
+    HTTP/1.1 is uvicorn's h11 protocol with ``limits``' keep-alive and header-read timeouts."""
     import uvicorn
 
     from pagedserve.core.metrics import EngineMetrics
@@ -193,5 +227,15 @@ def run_server(
             except BaseException:
                 engine.shutdown()
                 raise
-    app = create_app(engine, metrics.registry, api_key, cors, adapters, tools)
-    uvicorn.run(app, host=host, port=port, log_config=uvicorn_log_config(), **uvicorn_args)
+    limits = limits or ServerLimits()
+    app = create_app(engine, metrics.registry, api_key, cors, adapters, tools, limits)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=uvicorn_log_config(),
+        http=protocol_with_header_timeout(limits.timeout_header_read),
+        timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
+        **uvicorn_args,
+    )
+

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve.core.async_engine import RequestStream
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.tokenizer import apply_chat_template
 from pagedserve.plugins.structured.tool_parsers import ExtractedToolCalls, ToolParser
 from pagedserve.server.errors import APIError
+from pagedserve.server.openapi import json_or_event_stream
 from pagedserve.server.protocol import (
     AssistantMessage,
     ChatCompletionChoice,
@@ -27,6 +29,7 @@ from pagedserve.server.protocol import (
     ChatCompletionTool,
     ChatMessage,
     ChatStreamChoice,
+    ChatTemplateRequest,
     ChoiceLogprobs,
     DeltaMessage,
     ToolChoice,
@@ -55,29 +58,56 @@ from pagedserve.server.tools import (
 router = APIRouter()
 
 
-def render_chat(
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    chat_template: str | None,
+    variables: dict[str, Any],
+    tools: list[dict[str, Any]] | None,
+) -> list[int]:
+    return apply_chat_template(
+        tokenizer, template_messages(messages), add_generation_prompt, chat_template, variables, tools
+    )
+
+
+async def render_chat(
     state: ServerState,
     messages: list[ChatMessage],
-    add_generation_prompt: bool,
-    chat_template_kwargs: dict | None,
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
     tools: list[ChatCompletionTool] | None = None,
 ) -> list[int]:
-    """The token ids of the conversation through the chat template; 400 when it cannot render.
-    Tools go to the template as ``tools`` (a template that knows none ignores them)."""
-    kwargs = dict(chat_template_kwargs or {})
-    if tools:
-        kwargs.setdefault("tools", [tool.model_dump(exclude_none=True) for tool in tools])
-    try:
-        return apply_chat_template(
-            state.tokenizer,
-            template_messages([m.model_dump(exclude_none=True) for m in messages]),
-            add_generation_prompt=add_generation_prompt,
-            **kwargs,
+    """The token ids of the conversation through the chat template, rendered off the event
+    loop; 400 when it cannot render, or for a request's own template on a server that does not
+    trust them. Tools go to the template as ``tools`` (a template that knows none ignores them)."""
+    if chat_template is not None and not state.limits.trust_request_chat_template:
+        raise APIError(
+            400,
+            "chat_template in a request is refused: a template is code the server runs, so only "
+            "the model's runs unless the server is started with --trust-request-chat-template",
+            param="chat_template",
         )
-    except TemplateError as exc:
+    dumped = [m.model_dump(exclude_none=True) for m in messages]
+    tool_schemas = [tool.model_dump(exclude_none=True) for tool in tools] if tools else None
+    try:
+        return await state.tokenizers.run(
+            _render, dumped, add_generation_prompt, chat_template, chat_template_kwargs or {}, tool_schemas
+        )
+    except (TemplateError, TypeError) as exc:  # the template's own errors, on these messages
         raise APIError(
             400, f"the chat template cannot render these messages: {exc}", param="messages"
         ) from exc
+
+
+def render_chat_request(
+    state: ServerState, body: ChatTemplateRequest, tools: list[ChatCompletionTool] | None = None
+) -> Awaitable[list[int]]:
+    """``render_chat`` with a request's messages and template fields."""
+    return render_chat(
+        state, body.messages, body.add_generation_prompt, body.chat_template, body.chat_template_kwargs, tools
+    )
 
 
 def _check_supported(body: ChatCompletionRequest) -> None:
@@ -125,7 +155,9 @@ def _check_beam_search(body: ChatCompletionRequest) -> None:
         raise APIError(400, "tools cannot be used with use_beam_search", param="tools")
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions", response_model=None, responses=json_or_event_stream(ChatCompletionResponse)
+)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, state: Annotated[ServerState, Depends(get_state)]
 ) -> ChatCompletionResponse | Response:
@@ -134,7 +166,7 @@ async def create_chat_completion(
     _check_supported(body)
     choice = _tool_choice(body, state)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs, body.tools)
+    ids = await render_chat_request(state, body, body.tools)
     state.check_length(len(ids), max_tokens)
     if body.use_beam_search:
         _check_beam_search(body)

@@ -10,11 +10,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve.core.async_engine import RequestStream
 from pagedserve.core.engine import PromptType
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.server.errors import APIError
+from pagedserve.server.openapi import json_or_event_stream
 from pagedserve.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from pagedserve.server.serving import (
     ServerState,
@@ -33,19 +35,28 @@ router = APIRouter()
 Prompt = tuple[str | None, list[int]]
 
 
-def _prompts(body: CompletionRequest, state: ServerState) -> list[Prompt]:
+def _num_prompts(body: CompletionRequest) -> int:
+    prompt = body.prompt
+    return len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    return [tokenizer.encode(text) for text in texts]
+
+
+async def _prompts(body: CompletionRequest, state: ServerState) -> list[Prompt]:
+    """Each prompt's text (if it was text) and token ids, text encoded off the event loop.
+    (The request model has refused empty prompts.)"""
     prompt = body.prompt
     if isinstance(prompt, str):
         texts: list[str] = [prompt]
-    elif prompt and isinstance(prompt[0], str):
+    elif isinstance(prompt[0], str):
         texts = prompt  # type: ignore[assignment]
-    elif prompt and isinstance(prompt[0], int):
+    elif isinstance(prompt[0], int):
         return [(None, prompt)]  # type: ignore[list-item]
-    elif prompt:
-        return [(None, ids) for ids in prompt]  # type: ignore[misc]
     else:
-        raise APIError(400, "prompt is empty: give a string, a list of strings or token ids", param="prompt")
-    return [(text, state.tokenizer.encode(text)) for text in texts]
+        return [(None, ids) for ids in prompt]  # type: ignore[misc]
+    return list(zip(texts, await state.tokenizers.run(_encode, texts)))
 
 
 def _check_supported(body: CompletionRequest) -> None:
@@ -59,14 +70,16 @@ def _check_supported(body: CompletionRequest) -> None:
         )
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions", response_model=None, responses=json_or_event_stream(CompletionResponse)
+)
 async def create_completion(
     body: CompletionRequest, request: Request, state: Annotated[ServerState, Depends(get_state)]
 ) -> CompletionResponse | Response:
     lora_request = state.check_model(body.model)
-    state.check_request(body)
+    state.check_request(body, _num_prompts(body))
     _check_supported(body)
-    prompts = _prompts(body, state)
+    prompts = await _prompts(body, state)
     for _, ids in prompts:
         state.check_length(len(ids), body.max_tokens)
     prompt_logprobs = body.prompt_logprobs

@@ -14,16 +14,17 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from transformers import PreTrainedTokenizerBase
 
 from pagedserve.core.pooling import PoolingParams
 from pagedserve.server.errors import APIError
-from pagedserve.server.protocol import TokenId
+from pagedserve.server.protocol import RequestModel, TokenId
 from pagedserve.server.serving import ServerState, collect, get_state, unless_disconnected
 
 router = APIRouter()
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestModel):
     model: str | None = None
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -55,7 +56,14 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
-def _inputs(body: EmbeddingRequest, state: ServerState) -> list[list[int]]:
+def _encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], add_special_tokens: bool
+) -> list[list[int]]:
+    return [tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+
+
+async def _inputs(body: EmbeddingRequest, state: ServerState) -> list[list[int]]:
+    """Each input's token ids; text is encoded off the event loop."""
     given = body.input
     if isinstance(given, str):
         given = [given]
@@ -65,12 +73,9 @@ def _inputs(body: EmbeddingRequest, state: ServerState) -> list[list[int]]:
         return [given]  # type: ignore[list-item]
     if isinstance(given[0], list):
         return given  # type: ignore[return-value]
-    ids = []
-    for text in given:
-        if not text:
-            raise APIError(400, "an input string is empty", param="input")
-        ids.append(state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens))
-    return ids
+    if not all(given):
+        raise APIError(400, "an input string is empty", param="input")
+    return await state.tokenizers.run(_encode_texts, given, body.add_special_tokens)
 
 
 def _encode(embedding: list[float], encoding_format: str) -> list[float] | str:
@@ -86,7 +91,7 @@ async def create_embedding(
     state.check_model(body.model)
     if body.truncate_prompt_tokens is not None:
         raise APIError(400, "truncate_prompt_tokens is not supported", param="truncate_prompt_tokens")
-    prompts = _inputs(body, state)
+    prompts = await _inputs(body, state)
     for ids in prompts:
         state.check_length(len(ids), None)
     try:

@@ -1,16 +1,18 @@
 """Request and response bodies of the OpenAI API, with vLLM's extra sampling fields.
 
 Field names and defaults follow OpenAI's API reference and vLLM's ``protocol.py``. Unknown
-request fields are ignored, as both do.
+request fields are ignored, as both do. Request bodies are validated strictly (``RequestModel``):
+no coercion (``"2"`` is not an integer, ``1`` not a boolean), no infinite or NaN numbers.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
@@ -18,13 +20,21 @@ from pagedserve.core.sampling_params import MAX_LOGPROBS, RequestOutputKind, Sam
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 #: Sampling fields a model's generation_config.json may give defaults for (as vLLM applies them).
 GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+#: Above this the distribution is as good as uniform; vLLM has no bound, OpenAI's is 2.
+MAX_TEMPERATURE = 100.0
 
 
-class StreamOptions(BaseModel):
+class RequestModel(BaseModel):
+    """A request body (or a part of one): strict types, finite numbers."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(RequestModel):
     """``response_format.json_schema``: OpenAI's ``{"name", "description", "schema", "strict"}``."""
 
     model_config = ConfigDict(populate_by_name=True)
@@ -34,17 +44,17 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(RequestModel):
     """The fields completions and chat completions share."""
 
     model: str | None = None
     n: int | None = Field(default=1, ge=1)
-    temperature: float | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -85,6 +95,11 @@ class SamplingRequest(BaseModel):
     @property
     def num_choices(self) -> int:
         return self.n or 1
+
+    @property
+    def num_seqs_per_prompt(self) -> int:
+        """The engine sequences each prompt takes: ``n``, or ``best_of`` when it asks for more."""
+        return max(self.num_choices, getattr(self, "best_of", None) or 0)
 
     @property
     def include_usage(self) -> bool:
@@ -151,8 +166,17 @@ class CompletionRequest(SamplingRequest):
     suffix: str | None = None
     best_of: int | None = None
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: Any) -> Any:
+        """Nothing to generate from (vLLM would start from BOS alone): a 400."""
+        parts = [prompt] if isinstance(prompt, str) else prompt
+        if not parts or any(not isinstance(part, int) and len(part) == 0 for part in parts):
+            raise ValueError("the prompt is empty: give a non-empty string or token ids")
+        return prompt
 
-class ContentPart(BaseModel):
+
+class ContentPart(RequestModel):
     """A part of a message's content; only ``text`` parts are supported."""
 
     model_config = ConfigDict(extra="allow")
@@ -160,7 +184,7 @@ class ContentPart(BaseModel):
     text: str = ""
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(RequestModel):
     name: str
     arguments: str
 
@@ -169,13 +193,36 @@ def new_tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class ToolCall(BaseModel):
+class ToolCall(RequestModel):
     id: str = Field(default_factory=new_tool_call_id)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+@dataclass(frozen=True)
+class MessageRule:
+    """What a message of one role must carry (OpenAI's rules)."""
+
+    #: Content is required (None is refused; an empty string is content).
+    content: bool = True
+    #: Other fields it must have.
+    required: tuple[str, ...] = ()
+    #: Fields that stand in for content when content is not required.
+    content_or: tuple[str, ...] = ()
+
+
+#: The roles a message may have and what each needs; any other role is a 400.
+MESSAGE_RULES: dict[str, MessageRule] = {
+    "system": MessageRule(),
+    "developer": MessageRule(),
+    "user": MessageRule(),
+    "assistant": MessageRule(content=False, content_or=("tool_calls",)),
+    "tool": MessageRule(required=("tool_call_id",)),
+    "function": MessageRule(required=("name",)),  # OpenAI's deprecated form of tool
+}
+
+
+class ChatMessage(RequestModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -183,24 +230,40 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @model_validator(mode="after")
+    def _follows_its_role(self) -> ChatMessage:
+        rule = MESSAGE_RULES.get(self.role)
+        if rule is None:
+            raise ValueError(f"role {self.role!r} is not one of {', '.join(MESSAGE_RULES)}")
+        missing = [name for name in rule.required if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.role} message needs {' and '.join(missing)}")
+        if self.content is None:
+            if rule.content:
+                raise ValueError(f"a {self.role} message needs content")
+            if not any(getattr(self, name) for name in rule.content_or):
+                fields = " or ".join(("content", *rule.content_or))
+                raise ValueError(f"a {self.role} message needs {fields}")
+        return self
 
-class FunctionDefinition(BaseModel):
+
+class FunctionDefinition(RequestModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_.-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ChatCompletionTool(BaseModel):
+class ChatCompletionTool(RequestModel):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(RequestModel):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(RequestModel):
     type: Literal["function"] = "function"
     function: NamedFunction
 
@@ -208,8 +271,20 @@ class NamedToolChoice(BaseModel):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatTemplateRequest(RequestModel):
+    """The fields of a request that renders messages through the chat template (chat
+    completions and ``/tokenize``)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    # vLLM's extras
+    add_generation_prompt: bool = True
+    #: A template instead of the model's: only with ``--trust-request-chat-template``.
+    chat_template: str | None = None
+    #: Extra template variables; never rendering arguments (``tokenize``, ...).
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateRequest):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
@@ -217,9 +292,6 @@ class ChatCompletionRequest(SamplingRequest):
     tools: list[ChatCompletionTool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
-    # vLLM's extras
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -379,17 +451,14 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class TokenizeCompletionRequest(BaseModel):
+class TokenizeCompletionRequest(RequestModel):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(ChatTemplateRequest):
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TokenizeResponse(BaseModel):
@@ -398,7 +467,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[TokenId]
 

@@ -177,7 +177,7 @@ async def create_response(
         history = previous.messages
     conversation = [*history, *_input_messages(body)]
     system = [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
-    ids = render_chat(state, [*system, *conversation], True, None)
+    ids = await render_chat(state, [*system, *conversation])
     state.check_length(len(ids), body.max_output_tokens)
     params = _sampling_params(body, state)
     response_id = f"resp_{uuid.uuid4().hex}"

@@ -26,6 +26,7 @@ from pagedserve.core.sampling import TokenLogprobs
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.plugins.structured.tool_parsers import ToolParser
 from pagedserve.server.errors import APIError, error_body
+from pagedserve.server.limits import ServerLimits
 from pagedserve.server.protocol import (
     CompletionLogProbs,
     PromptLogprob,
@@ -35,6 +36,7 @@ from pagedserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from pagedserve.server.tokenizer_pool import TokenizerPool
 
 if TYPE_CHECKING:
     from pagedserve.server.lora import ServedAdapters
@@ -51,8 +53,10 @@ class ServerState:
     """What every route needs, kept on ``app.state.server``."""
 
     engine: AsyncLLMEngine
-    #: The server's own tokenizer: the engine's belongs to the engine thread.
+    #: The server's own tokenizer: the engine's belongs to the engine thread. Work that grows
+    #: with the request (encoding prompts, rendering templates, decoding) goes to ``tokenizers``.
     tokenizer: PreTrainedTokenizerBase
+    tokenizers: TokenizerPool
     model_name: str
     model_path: str
     max_model_len: int
@@ -62,11 +66,16 @@ class ServerState:
     sampling_defaults: dict[str, Any]
     #: The metrics ``/metrics`` exports.
     registry: CollectorRegistry
+    limits: ServerLimits
     api_key: str | None = None
     #: The LoRA adapters served as models (``--enable-lora``), or None.
     adapters: ServedAdapters | None = None
     #: The parser of ``tool_choice="auto"`` (``--enable-auto-tool-choice --tool-call-parser``).
     tool_parser: ToolParser | None = None
+
+    @property
+    def max_seqs_per_request(self) -> int:
+        return self.limits.seqs_per_request(self.max_num_seqs)
 
     def check_model(self, name: str | None) -> LoRARequest | None:
         """The adapter the request's ``model`` names (None: the base model); 404 for others."""
@@ -76,11 +85,16 @@ class ServerState:
             return self.adapters.adapters[name]
         raise APIError(404, f"The model `{name}` does not exist.", param="model")
 
-    def check_request(self, body: SamplingRequest) -> None:
-        if body.num_choices > self.max_num_seqs:
+    def check_request(self, body: SamplingRequest, num_prompts: int = 1) -> None:
+        """The request's own limits: its sequences (every prompt's ``n``) under the per-request
+        cap, so that one request cannot take every seat of a step."""
+        seqs, cap = body.num_seqs_per_prompt * num_prompts, self.max_seqs_per_request
+        if seqs > cap:
+            per_prompt = f"n={body.num_seqs_per_prompt}" + (f" x {num_prompts} prompts" if num_prompts > 1 else "")
             raise APIError(
                 400,
-                f"n={body.num_choices} is more than this server's max_num_seqs ({self.max_num_seqs})",
+                f"this request asks for {seqs} sequences ({per_prompt}), more than the {cap} this "
+                f"server allows a request (--max-num-seqs-per-request; max_num_seqs is {self.max_num_seqs})",
                 param="n",
             )
         if body.use_beam_search:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
+from transformers import PreTrainedTokenizerBase
 
-from pagedserve.server.chat import render_chat
+from pagedserve.server.chat import render_chat_request
 from pagedserve.server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -27,10 +28,18 @@ async def tokenize(
     """A prompt as the completions API tokenizes it, or messages as the chat API renders them."""
     state.check_model(body.model)
     if isinstance(body, TokenizeChatRequest):
-        ids = render_chat(state, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+        ids = await render_chat_request(state, body)
     else:
-        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = await state.tokenizers.run(_encode, body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    return tokenizer.decode(ids)
 
 
 @router.post("/detokenize")
@@ -40,7 +49,7 @@ async def detokenize(
     state.check_model(body.model)
     if any(token >= state.vocab_size for token in body.tokens):
         raise ValueError(f"a token id is outside the vocabulary [0, {state.vocab_size})")
-    return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await state.tokenizers.run(_decode, body.tokens))
 
 
 def _json_safe(value: Any) -> Any:
