@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model = args.model or default_model()
-    engine = LLMEngine(engine_config_from_args(model, block_size=args.block_size, max_model_len=2048))
+    engine = LLMEngine(engine_config_from_args(model, block_size=args.block_size))
     prompt = [(7 * i) % (engine.vocab_size - 10) + 5 for i in range(args.prompt_len)]
     rows: list[tuple[str, Any]] = []
     results: dict[str, Any] = {}

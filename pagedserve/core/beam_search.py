@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pagedserve.core.outputs import CompletionOutput, RequestOutput
-from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.request import Request, RequestStatus, link_forks
 from pagedserve.core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 if TYPE_CHECKING:
@@ -131,6 +131,45 @@ class BeamSearchGroup:
     def __post_init__(self) -> None:
         # Only the first beam's continuations count at first: all beams hold the same prompt.
         self.scores = [np.float32(0.0)] + [_IMPOSSIBLE] * (len(self.sequences) - 1)
+
+    @classmethod
+    def build(
+        cls,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: BeamSearchParams,
+        eos_token_ids: tuple[int, ...],
+        max_new_tokens: int,
+        detokenizer_factory: Any,
+        *,
+        max_num_seqs: int,
+        arrival_time: float | None = None,
+        priority: int = 0,
+        cache_salt: Any = None,
+    ) -> BeamSearchGroup:
+        """The group and its ``beam_width`` sequences, the first their fork leader (the one
+        to schedule); ValueError when the beams cannot run."""
+        width = params.beam_width
+        if width > max_num_seqs:
+            raise ValueError(
+                f"beam_width={width} beams exceed max_num_seqs={max_num_seqs}; lower it or raise max_num_seqs"
+            )
+        seq_params = cls.sequence_params(params, eos_token_ids, max_new_tokens)
+        beams = [
+            Request(
+                f"{request_id}#{i}", prompt_token_ids, seq_params, arrival_time=arrival_time,
+                priority=priority, cache_salt=cache_salt, parent_id=request_id, index=i,
+            )
+            for i in range(width)
+        ]
+        for beam in beams:
+            beam.group_chooses_tokens = True
+        link_forks(beams)
+        return cls(
+            request_id, prompt, prompt_token_ids, beams, params, eos_token_ids, max_new_tokens,
+            detokenizer_factory,
+        )
 
     @staticmethod
     def num_candidates(params: BeamSearchParams, eos_token_ids: tuple[int, ...]) -> int:

@@ -18,13 +18,13 @@ from pagedserve.core.loader import get_model_max_len, load_generation_config, lo
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.core.pooling import PoolingParams
-from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.request import Request, RequestStatus, link_forks
 from pagedserve.core.request_group import RequestGroup
 from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.speculative import ProposalBatch, SpecDecodingStats, speculation_enabled_for
-from pagedserve.core.tokenizer import IncrementalDetokenizer, get_eos_token_ids, load_tokenizer
+from pagedserve.core.tokenizer import IncrementalDetokenizer, bad_words_token_ids, get_eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class LLMEngine:
             params,
             eos_token_ids=self.eos_token_ids,
             stop=list(params.stop or []),
-            bad_words_token_ids=self._bad_words_token_ids(params.bad_words),
+            bad_words_token_ids=bad_words_token_ids(self.tokenizer, params.bad_words or [], self.vocab_size),
         )
         # best_of > n ranks the sequences by cumulative logprob: they need it even when the
         # user asked for no logprobs (the output then still shows none).
@@ -232,12 +232,7 @@ class LLMEngine:
             )
             for i in range(num_sequences)
         ]
-        leader, siblings = sequences[0], sequences[1:]
-        leader.fork_children = siblings
-        for sibling in siblings:
-            sibling.fork_leader = leader
-            sibling.status = RequestStatus.WAITING_FOR_FORK
-            sibling.arrival_time = leader.arrival_time
+        leader = link_forks(sequences)
         # Siblings wait for their leader, so only the leader waits for the preparation.
         leader.pending = self.runner.prepare_request(leader, self.tokenizer)
         self.scheduler.add_request(leader)
@@ -263,34 +258,15 @@ class LLMEngine:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, leaving no room under max_model_len={self.max_model_len}"
             )
-        width = params.beam_width
-        if width > self.config.scheduler.max_num_seqs:
-            raise ValueError(
-                f"beam_width={width} beams exceed max_num_seqs={self.config.scheduler.max_num_seqs}; "
-                "lower it or raise max_num_seqs"
-            )
-        seq_params = BeamSearchGroup.sequence_params(params, self.eos_token_ids, max_new)
-        beams = [
-            Request(
-                f"{request_id}#{i}", token_ids, seq_params, arrival_time=arrival_time,
-                priority=priority, cache_salt=cache_salt, parent_id=request_id, index=i,
-            )
-            for i in range(width)
-        ]
-        leader = beams[0]
-        leader.fork_children = beams[1:]
-        for beam in beams:
-            beam.group_chooses_tokens = True
-        for beam in beams[1:]:
-            beam.fork_leader = leader
-            beam.status = RequestStatus.WAITING_FOR_FORK
-            beam.arrival_time = leader.arrival_time
-        self.scheduler.add_request(leader)
         text_params = SamplingParams(include_stop_str_in_output=params.include_stop_str_in_output)
-        self._groups[request_id] = BeamSearchGroup(
-            request_id, text, token_ids, beams, params, self.eos_token_ids, max_new,
+        group = BeamSearchGroup.build(
+            request_id, text, token_ids, params, self.eos_token_ids, max_new,
             lambda: IncrementalDetokenizer(self.tokenizer, token_ids, text_params),
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            arrival_time=arrival_time, priority=priority, cache_salt=cache_salt,
         )
+        self.scheduler.add_request(group.sequences[0])
+        self._groups[request_id] = group
 
     def _truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
         """vLLM's ``truncate_prompt_tokens``: the last ``keep`` tokens (-1: max_model_len)."""
@@ -298,22 +274,6 @@ class LLMEngine:
             return token_ids
         keep = self.max_model_len if keep == -1 else keep
         return token_ids[-keep:]
-
-    def _bad_words_token_ids(self, bad_words: list[str] | None) -> list[list[int]]:
-        """Each bad word's token ids, as vLLM finds them: the word without its leading spaces,
-        then with one leading space when that tokenizes differently into as many tokens."""
-        sequences: list[list[int]] = []
-        for word in bad_words or []:
-            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
-            sequences.append(plain)
-            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
-                sequences.append(spaced)
-        for ids in sequences:
-            for token in ids:
-                if token >= self.vocab_size:
-                    raise ValueError(f"bad_words has token id {token}, outside the vocabulary")
-        return sequences
 
     def _check_lora(self, lora_request: LoRARequest) -> None:
         if not isinstance(lora_request, LoRARequest):

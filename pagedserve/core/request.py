@@ -173,3 +173,15 @@ class Request:
             f"Request({self.request_id!r}, status={self.status.name}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={self.block_ids})"
         )
+
+
+def link_forks(sequences: list[Request]) -> Request:
+    """Make the first sequence the leader the others fork from once it computed the prompt
+    (``n > 1``, ``best_of``, beam search); returns the leader, the one to schedule."""
+    leader, siblings = sequences[0], sequences[1:]
+    leader.fork_children = siblings
+    for sibling in siblings:
+        sibling.fork_leader = leader
+        sibling.status = RequestStatus.WAITING_FOR_FORK
+        sibling.arrival_time = leader.arrival_time
+    return leader

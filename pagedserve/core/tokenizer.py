@@ -57,6 +57,24 @@ def get_eos_token_ids(
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
+def bad_words_token_ids(tokenizer: PreTrainedTokenizerBase, words: list[str], vocab_size: int) -> list[list[int]]:
+    """Each of vLLM's ``bad_words`` as token sequences, found as vLLM finds them: the word
+    without its leading spaces, then with one leading space when that tokenizes differently
+    into as many tokens. ValueError for a token the model does not have."""
+    sequences: list[list[int]] = []
+    for word in words:
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        sequences.append(plain)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            sequences.append(spaced)
+    for ids in sequences:
+        for token in ids:
+            if token >= vocab_size:
+                raise ValueError(f"bad_words has token id {token}, outside the vocabulary [0, {vocab_size})")
+    return sequences
+
+
 def _message_text(message: dict[str, Any]) -> dict[str, Any]:
     """The message with list-of-parts content joined into one string (text parts only)."""
     content = message.get("content")
