@@ -149,3 +149,29 @@ def test_llm_beam_search_api(models) -> None:
 def test_invalid_beam_search_params_name_the_field(field: str, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=f"^{field}"):
         BeamSearchParams(**kwargs)
+
+
+def test_beams_survive_preemption_with_the_same_result(models) -> None:
+    """A cache too small for the beams and three other requests: beams are preempted and
+    recomputed (a seat given to a preempted beam too), the blocks stay consistent every step,
+    and the beams are those of an uncontended run."""
+    from pagedserve import SamplingParams
+
+    folder, llm, _ = models["LlamaForCausalLM"]
+    params = BeamSearchParams(beam_width=4, max_tokens=16, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(3, 23))}
+    (expected,) = llm.beam_search([prompt], params)
+    engine = LLM(str(folder), dtype="float32", block_size=4, num_kv_blocks=24, max_num_seqs=8).engine
+    engine.add_beam_search_request("beam", prompt, params)
+    beams = engine._groups["beam"].sequences
+    for i in range(3):
+        engine.add_request(f"other-{i}", {"prompt_token_ids": list(range(40 + i, 50 + i))},
+                           SamplingParams(max_tokens=20, ignore_eos=True))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        check_blocks(engine)
+    assert sum(b.num_preemptions for b in beams) > 0  # beams themselves were preempted
+    assert engine.kv_cache.num_used_blocks == 0
+    (beam,) = [o for o in outputs if o.request_id == "beam"]
+    assert [c.token_ids for c in beam.outputs] == [s.tokens[20:] for s in expected.sequences]
