@@ -11,7 +11,7 @@ from typing import Literal
 
 import openai
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from server_process import API_KEY, ENGINE_ARGS, Server, shared_server
 
 from pagedserve import LLM, SamplingParams
@@ -22,6 +22,30 @@ pytestmark = pytest.mark.slow
 
 SYSTEM = "You write Python."
 GREEDY = {"temperature": 0.0, "max_output_tokens": 12}
+
+
+class TimeArgs(BaseModel):
+    zone: Literal["UTC", "CET", "PST"]
+
+
+class WeatherArgs(BaseModel):
+    city: str = Field(max_length=8)
+    days: int = Field(ge=1, le=7)
+
+
+def function_tool(name: str, arguments: type[BaseModel]) -> dict:
+    return {"type": "function", "name": name, "description": f"{name}.", "parameters": arguments.model_json_schema(),
+            "strict": False}
+
+
+TIME_TOOL = function_tool("get_time", TimeArgs)
+TOOLS = [function_tool("get_weather", WeatherArgs), TIME_TOOL]
+ARGS = {"get_weather": WeatherArgs, "get_time": TimeArgs}
+TOOL_GREEDY = {"temperature": 0.0, "max_output_tokens": 200, "tools": TOOLS, "parallel_tool_calls": False}
+
+
+def calls_of(response) -> list:
+    return [item for item in response.output if item.type == "function_call"]
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +196,18 @@ def test_text_format_json_schema_constrains_the_output(client, model_dir) -> Non
 @pytest.mark.parametrize(
     ("fields", "param", "words"),
     [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools", "tools are not supported"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type", "'web_search' are not supported"),
+        ({"tools": [TIME_TOOL, {"type": "mcp", "server_label": "x"}]}, "tools[1].type", "'mcp' are not supported"),
+        ({"tools": [{"type": "function", "name": "bad name!"}]}, "tools[0]", "tools\\[0\\]"),
+        ({"tools": [TIME_TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "not among"),
+        ({"tools": [TIME_TOOL], "tool_choice": {"type": "web_search"}}, "tool_choice", "not supported"),
+        ({"tools": [TIME_TOOL], "tool_choice": "auto"}, "tool_choice", "--enable-auto-tool-choice"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {"tools": [TIME_TOOL], "tool_choice": "required", "text": {"format": {"type": "json_object"}}},
+            "text.format",
+            "cannot be combined",
+        ),
         (
             {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
             "text.format",
@@ -182,12 +217,84 @@ def test_text_format_json_schema_constrains_the_output(client, model_dir) -> Non
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input", "only text"),
         ({"input": []}, "input", "input is empty"),
     ],
-    ids=["tools", "bad schema", "no schema", "image", "empty"],
+    ids=["web_search", "mcp", "bad function", "unknown function", "builtin choice", "auto without parser",
+         "required without tools", "format and tools", "bad schema", "no schema", "image", "empty"],
 )
 def test_what_is_not_supported_is_a_clear_400(client, fields, param, words) -> None:
     with pytest.raises(openai.BadRequestError, match=words) as caught:
         client.responses.create(**{"input": "x", **GREEDY, **fields})
     assert caught.value.body["param"] == param
+
+
+def test_tool_choice_required_gives_arguments_valid_against_the_schema(client) -> None:
+    response = client.responses.create(
+        input="What should I do?", tools=TOOLS, tool_choice="required", temperature=1.0, max_output_tokens=200,
+        extra_body={"seed": 5},
+    )
+    (call,) = calls_of(response)
+    assert response.status == "completed" and call.status == "completed"
+    assert call.id.startswith("fc_") and call.call_id.startswith("call_")
+    ARGS[call.name].model_validate_json(call.arguments)
+    assert response.tool_choice == "required" and [t.name for t in response.tools] == ["get_weather", "get_time"]
+    stored = client.responses.retrieve(response.id)
+    assert calls_of(stored)[0].arguments == call.arguments
+
+
+def test_a_named_function_is_called(client) -> None:
+    response = client.responses.create(
+        input="Time?", tool_choice={"type": "function", "name": "get_time"}, **TOOL_GREEDY
+    )
+    (call,) = calls_of(response)
+    assert call.name == "get_time" and response.output_text == ""
+    TimeArgs.model_validate_json(call.arguments)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}], ids=["required", "named"])
+def test_streamed_function_calls_reassemble_to_the_non_streamed_ones(client, model_dir, tool_choice) -> None:
+    whole = calls_of(client.responses.create(input="Weather?", tool_choice=tool_choice, **TOOL_GREEDY))
+    with client.responses.stream(model=str(model_dir), input="Weather?", tool_choice=tool_choice, **TOOL_GREEDY) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert [k for k in kinds if k != "response.function_call_arguments.delta"] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed",
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    (streamed,) = calls_of(final)
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    (added,) = [e for e in events if e.type == "response.output_item.added"]
+    assert [(c.name, c.arguments) for c in whole] == [(streamed.name, streamed.arguments)]
+    assert deltas == done.arguments == streamed.arguments and done.item_id == streamed.id == added.item.id
+    assert added.item.call_id == streamed.call_id and added.item.name == streamed.name
+    ARGS[streamed.name].model_validate_json(streamed.arguments)
+
+
+def test_function_call_output_continues_the_conversation(client) -> None:
+    """The call and its output, as items or through previous_response_id, render as the chat
+    route's assistant tool_calls and tool messages: the same greedy text as that chat."""
+    first = client.responses.create(input="Weather in Oslo?", tool_choice="required", **TOOL_GREEDY)
+    (call,) = calls_of(first)
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": '{"forecast": "snow"}'}
+    as_items = client.responses.create(
+        input=[{"role": "user", "content": "Weather in Oslo?"}, *first.output, result], **TOOL_GREEDY
+    )
+    chained = client.responses.create(input=[result], previous_response_id=first.id, **TOOL_GREEDY)
+    chat = client.chat.completions.create(
+        model=first.model, temperature=0.0, max_tokens=200, tools=[{"type": "function", "function": {
+            k: v for k, v in tool.items() if k != "type"}} for tool in TOOLS],
+        tool_choice="none",
+        messages=[
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            ]},
+            {"role": "tool", "tool_call_id": call.call_id, "content": '{"forecast": "snow"}'},
+        ],
+    )
+    assert as_items.output_text == chained.output_text == chat.choices[0].message.content
+    assert not calls_of(as_items) and as_items.usage.input_tokens == chat.usage.prompt_tokens
 
 
 def test_the_store_is_bounded() -> None:

@@ -47,9 +47,9 @@ from pagedserve.server.serving import (
 from pagedserve.server.structured import schema_error, structured_outputs_params
 from pagedserve.server.tools import (
     ToolCallStream,
+    effective_tool_choice,
     extract_tool_calls,
     finish_reason,
-    resolve_tool_choice,
     template_messages,
     tool_calls,
     tool_grammar,
@@ -115,19 +115,6 @@ def _check_supported(body: ChatCompletionRequest) -> None:
         raise APIError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
 
 
-def _tool_choice(body: ChatCompletionRequest, state: ServerState) -> ToolChoice:
-    choice = resolve_tool_choice(body.tools, body.tool_choice)
-    if choice == "auto" and body.tools and state.tool_parser is None:
-        if body.tool_choice is None:
-            return "none"  # tools given without a choice, and no parser: as vLLM, plain text
-        raise APIError(
-            400,
-            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
-            param="tool_choice",
-        )
-    return choice
-
-
 def _sampling_params(
     body: ChatCompletionRequest, state: ServerState, choice: ToolChoice, max_tokens: int | None
 ) -> tuple[SamplingParams, str | None]:
@@ -164,7 +151,7 @@ async def create_chat_completion(
     lora_request = state.check_model(body.model)
     state.check_request(body)
     _check_supported(body)
-    choice = _tool_choice(body, state)
+    choice = effective_tool_choice(body.tools, body.tool_choice, state.tool_parser)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     ids = await render_chat_request(state, body, body.tools)
     state.check_length(len(ids), max_tokens)

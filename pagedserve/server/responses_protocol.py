@@ -1,5 +1,5 @@
 """Request and response bodies of OpenAI's Responses API (``/v1/responses``), the part of it
-vLLM serves for text: field names, defaults and event shapes as in OpenAI's API reference."""
+vLLM serves for text and function tools: field names, defaults and event shapes as in OpenAI's API reference."""
 
 from __future__ import annotations
 
@@ -21,6 +21,30 @@ class InputMessage(BaseModel):
     content: str | list[ContentPart]
 
 
+class FunctionCallItem(BaseModel):
+    """A ``function_call`` item: a call the model made (an earlier response's output)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call"]
+    id: str | None = None
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+class FunctionCallOutputItem(BaseModel):
+    """A ``function_call_output`` item: the client's result of the call ``call_id``."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ContentPart]
+
+
+InputItem = FunctionCallItem | FunctionCallOutputItem | InputMessage
+
+
 class TextFormat(BaseModel):
     """``text.format``: ``text``, ``json_object``, or ``json_schema`` with its fields flat
     (``name``, ``schema``, ``description``, ``strict``), as the Responses API has them."""
@@ -40,7 +64,7 @@ class TextConfig(BaseModel):
 
 class ResponsesRequest(BaseModel):
     model: str | None = None
-    input: str | list[InputMessage]
+    input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
@@ -52,7 +76,7 @@ class ResponsesRequest(BaseModel):
     user: str | None = None
     text: TextConfig | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = "auto"
+    tool_choice: Any = None
     parallel_tool_calls: bool | None = True
     background: bool | None = False
     top_logprobs: int | None = None
@@ -76,6 +100,20 @@ class OutputMessage(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class FunctionToolCall(BaseModel):
+    """A ``function_call`` output item: ``call_id`` is what its ``function_call_output`` names."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = OutputMessage | FunctionToolCall
 
 
 class InputTokensDetails(BaseModel):
@@ -108,7 +146,7 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[OutputMessage] = Field(default_factory=list)
+    output: list[OutputItem] = Field(default_factory=list)
     parallel_tool_calls: bool = True
     previous_response_id: str | None = None
     store: bool = True
@@ -124,4 +162,4 @@ class ResponseObject(BaseModel):
 
     @property
     def output_text(self) -> str:
-        return "".join(part.text for item in self.output for part in item.content)
+        return "".join(part.text for item in self.output if item.type == "message" for part in item.content)

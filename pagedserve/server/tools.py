@@ -83,6 +83,23 @@ def resolve_tool_choice(tools: list[ChatCompletionTool] | None, choice: ToolChoi
     return choice
 
 
+def effective_tool_choice(
+    tools: list[ChatCompletionTool] | None, given: ToolChoice | None, parser: ToolParser | None
+) -> ToolChoice:
+    """The tool choice a request gets: as ``resolve_tool_choice``, and ``auto`` without a
+    parser is plain text when the client did not ask for it (as vLLM), a 400 when it did."""
+    choice = resolve_tool_choice(tools, given)
+    if choice == "auto" and tools and parser is None:
+        if given is None:
+            return "none"
+        raise APIError(
+            400,
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+            param="tool_choice",
+        )
+    return choice
+
+
 def _parameters(tool: ChatCompletionTool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
