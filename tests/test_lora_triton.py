@@ -32,7 +32,7 @@ def case_lora(dtype: str, name: str, seed: int) -> dict[str, float]:
     dt = DTYPES[dtype]
     x = torch.randn(sum(num_tokens), in_features).to(dt)
     lora_a = (torch.randn(max_loras, rank, in_features) * 0.2).to(dt)
-    lora_b = (torch.randn(max_loras, out_features, rank) * 0.2).to(dt)
+    lora_b = (torch.randn(max_loras, rank, out_features) * 0.2).to(dt)
     lora_a[:, rank - 2 :] = 0  # the zero padding of adapters below the stacked rank
     base = torch.randn(sum(num_tokens), out_features).to(dt)
     mapping = LoRAMapping.build(slots, num_tokens, torch.device("cpu"))

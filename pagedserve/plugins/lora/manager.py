@@ -4,7 +4,7 @@ per-step token -> slot mapping.
 Every ``Linear`` of the model gets a ``LoRALinearSlot`` in its LoRA slot: stacked A and B
 buffers for ``max_loras`` adapters of rank up to ``max_lora_rank``, allocated once, so a step
 allocates nothing. A merged layer (qkv, gate_up) stacks its shards: A is ``[shards * R, in]``
-and B is block-diagonal ``[out, shards * R]``, so one shrink and one expand serve all shards.
+and B is block-diagonal ``[shards * R, out]``, so one shrink and one expand serve all shards.
 PEFT names modules as HF does (``q_proj``); ``packed_modules_mapping`` (vLLM's name; a model
 may define its own) says which merged layer and shard each one is.
 """
@@ -66,7 +66,7 @@ class LoRALinearSlot:
         self.max_rank = max_rank
         stacked = layer.num_shards * max_rank
         self.lora_a = torch.zeros(max_loras, stacked, layer.input_size, dtype=dtype, device=device)
-        self.lora_b = torch.zeros(max_loras, layer.output_size, stacked, dtype=dtype, device=device)
+        self.lora_b = torch.zeros(max_loras, stacked, layer.output_size, dtype=dtype, device=device)
         #: Per slot: does its adapter change this layer at all?
         self.in_use = [False] * max_loras
         self.kernels = kernels
@@ -78,8 +78,8 @@ class LoRALinearSlot:
             rank, start = weights.rank, shard * self.max_rank
             offset, size = self.offsets[shard], self.output_sizes[shard]
             self.lora_a[slot, start : start + rank].copy_(weights.lora_a)
-            self.lora_b[slot, offset : offset + size, start : start + rank].copy_(
-                weights.lora_b * weights.scaling
+            self.lora_b[slot, start : start + rank, offset : offset + size].copy_(
+                (weights.lora_b * weights.scaling).T
             )
         self.in_use[slot] = bool(shards)
 

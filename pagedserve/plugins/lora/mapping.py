@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +21,18 @@ class LoRAMapping:
     token_slots: torch.Tensor  # int32 [num_tokens]
     groups: list[tuple[int, torch.Tensor | None]]
     num_tokens: int
+    _masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def column_mask(self, rank: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[num_tokens, width * rank]: 1 where column c belongs to the token's slot (c // rank),
+        0 elsewhere and on every column of a token without a slot; built once a step per shape."""
+        key = (rank, width, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            columns = torch.arange(width * rank, device=self.token_slots.device) // rank
+            mask = (columns[None, :] == self.token_slots[:, None].long()).to(dtype)
+            self._masks[key] = mask
+        return mask
 
     @classmethod
     def build(

@@ -3,7 +3,7 @@ slot's A and B from the stacked buffers (``token_slots``, -1 = no adapter, skipp
 one launch serves every adapter of the step.
 
 shrink: ``y[t, :] = x[t, :] @ A[slot(t)].T`` (fp32 accumulation, fp32 ``y``)
-expand: ``out[t, :] += y[t, :] @ B[slot(t)].T``
+expand: ``out[t, :] += y[t, :] @ B[slot(t)]`` (B stacked as [slots, R, out])
 
 Inputs are upcast to fp32 right after each load (so the interpreter, which cannot do bf16
 arithmetic, runs them too). The torch path (``ops_torch``) is the reference.
@@ -47,7 +47,7 @@ def _shrink_kernel(
 def _expand_kernel(
     y_ptr, b_ptr, out_ptr, slots_ptr,
     out_features, rank,
-    stride_yt, stride_bs, stride_bn, stride_ot,
+    stride_yt, stride_bs, stride_br, stride_ot,
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
@@ -60,7 +60,7 @@ def _expand_kernel(
         r = r0 + tl.arange(0, BLOCK_R)
         y = tl.load(y_ptr + token * stride_yt + r, mask=r < rank, other=0.0)
         b = tl.load(
-            b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :],
+            b_ptr + slot * stride_bs + r[None, :] * stride_br + n[:, None],
             mask=(n[:, None] < out_features) & (r[None, :] < rank),
             other=0.0,
         ).to(tl.float32)
@@ -88,9 +88,9 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> 
 
 
 def expand(out: torch.Tensor, y: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """``out [T, N] += y [T, R] x [S, N, R]`` in place, for the tokens with a slot."""
+    """``out [T, N] += y [T, R] x [S, R, N]`` in place, for the tokens with a slot."""
     num_tokens, out_features = out.shape
-    rank = lora_b.shape[2]
+    rank = lora_b.shape[1]
     assert out.stride(1) == 1 and lora_b.stride(2) == 1
     block_n = min(triton.next_power_of_2(out_features), 128)
     block_r = min(triton.next_power_of_2(rank), 64)
