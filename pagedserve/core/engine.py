@@ -443,8 +443,6 @@ class LLMEngine:
                 continue  # not scheduled last step (its proposal stands), or still prefilling
             if request.group_chooses_tokens:
                 continue  # a beam: its group, not the sampler, picks its next token
-            if request.sampling_params.structured_outputs is not None:
-                continue  # a grammar's matcher cannot follow proposals it has not accepted
             limit = min(k, self.max_model_len - request.num_tokens - 1)
             max_tokens = request.sampling_params.max_tokens
             if max_tokens is not None:
