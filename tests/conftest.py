@@ -45,3 +45,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
 
     return make
 
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tiny_model: ModelFactory, tmp_path_factory: pytest.TempPathFactory):
+    """The shared ``pagedserve serve`` of this test process on the default tiny model (see
+    ``server_process.shared_server``); a module that needs another server defines its own."""
+    from server_process import shared_server
+
+    return shared_server(request.config, tiny_model(), tmp_path_factory.mktemp("server"))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official openai client on the shared server, without retries (a retry would hide an error)."""
+    import openai
+    from server_process import API_KEY
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from server_process import API_KEY, ENGINE_ARGS, Server, shared_server
+from server_process import API_KEY, ENGINE_ARGS
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
@@ -29,11 +29,6 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def model_dir(tiny_model) -> Path:
     return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    return shared_server(request.config, model_dir, tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="module")

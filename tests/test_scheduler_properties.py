@@ -17,7 +17,7 @@ from pagedserve.core.config import SchedulerConfig
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sampling_params import SamplingParams
-from pagedserve.core.scheduler import Scheduler, SchedulerOutput
+from pagedserve.core.scheduler import Scheduler
 from pagedserve.plugins.policies.scheduling import FCFSPolicy, PriorityPolicy
 
 from fake_model import FakeRunner, reference_tokens

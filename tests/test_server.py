@@ -23,7 +23,6 @@ from server_process import (
     metric,
     parse_metric,
     port_is_free,
-    shared_server,
     start_server,
 )
 
@@ -41,20 +40,8 @@ def model_dir(tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(
-    request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Server:
-    return shared_server(request.config, model_dir, tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
 def llm(model_dir: Path) -> LLM:
     return LLM(str(model_dir), **ENGINE_ARGS)
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def async_client(server: Server) -> openai.AsyncOpenAI:

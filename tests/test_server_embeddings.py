@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 import torch
-from server_process import API_KEY, ENGINE_ARGS, Server, shared_server
+from server_process import API_KEY, ENGINE_ARGS
 
 from pagedserve import LLM
 
@@ -23,16 +23,6 @@ TEXTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Config:"]
 @pytest.fixture(scope="module")
 def model_dir(tiny_model) -> Path:
     return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    return shared_server(request.config, model_dir, tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")

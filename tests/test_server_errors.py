@@ -6,18 +6,13 @@ from __future__ import annotations
 import httpx2
 import openai
 import pytest
-from server_process import API_KEY, MAX_MODEL_LEN, Server, shared_server
+from server_process import API_KEY, MAX_MODEL_LEN
 
 pytestmark = pytest.mark.slow
 
 KEY = API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = "hello " * (MAX_MODEL_LEN + 1)  # a token or more per word: too long for the model
-
-
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    return shared_server(request.config, tiny_model(), tmp_path_factory.mktemp("server"))
 
 
 def assert_error(response: httpx2.Response, status: int, message: str) -> dict:

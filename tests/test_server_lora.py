@@ -9,7 +9,6 @@ import json
 import shutil
 import sys
 import threading
-from pathlib import Path
 
 import httpx2
 import openai

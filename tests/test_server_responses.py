@@ -12,7 +12,7 @@ from typing import Literal
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from server_process import API_KEY, ENGINE_ARGS, Server, shared_server
+from server_process import API_KEY, ENGINE_ARGS
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.server.responses import ResponseStore, StoredResponse
@@ -51,16 +51,6 @@ def calls_of(response) -> list:
 @pytest.fixture(scope="module")
 def model_dir(tiny_model) -> Path:
     return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    return shared_server(request.config, model_dir, tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,12 @@ from __future__ import annotations
 import httpx2
 import openai
 import pytest
-from server_process import API_KEY, Server, shared_server
+from server_process import API_KEY, Server
 
 pytestmark = pytest.mark.slow
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "def fibonacci(n):"
-
-
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, tiny_model, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    return shared_server(request.config, tiny_model(), tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY)
 
 
 def post(server: Server, route: str, body: dict) -> httpx2.Response:

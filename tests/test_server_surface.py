@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-from server_process import API_KEY, Server, shared_server
+from server_process import API_KEY
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.slow
@@ -20,16 +20,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 @pytest.fixture(scope="module")
 def model_dir(tiny_model) -> Path:
     return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    return shared_server(request.config, model_dir, tmp_path_factory.mktemp("server"))
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 def error_of(response: httpx2.Response, status: int) -> dict:
