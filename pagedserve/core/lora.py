@@ -13,7 +13,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .request import Request
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,36 @@ class LoRAManagerBase(ABC):
         ``max_loras`` distinct ones, the scheduler's promise) and return the token -> slot
         mapping for the forward context, or None when no token of the step has an adapter.
         ``lora_requests[i]`` runs ``num_tokens[i]`` consecutive tokens of the flat batch."""
+
+
+def adapter_ids(requests: list[Request]) -> dict[int, str]:
+    """LoRA adapter id -> name, over the requests that have one."""
+    return {r.lora_request.lora_int_id: r.lora_request.lora_name for r in requests if r.lora_request}
+
+
+class AdapterLimit:
+    """One step's admission rule for LoRA adapters: at most ``max_loras`` distinct ones run.
+
+    Once a request is refused because its adapter would be one too many, every later adapter
+    request is refused in this step too (even of an adapter in use), so the running adapters
+    drain and the refused one is admitted within a bounded wait; base-model requests pass.
+    """
+
+    def __init__(self, max_loras: int | None, running: list[Request]) -> None:
+        self.max_loras = max_loras
+        self.active = set(adapter_ids(running))
+        self.blocked = False
+
+    def admits(self, request: Request) -> bool:
+        lora = request.lora_request
+        if lora is None or self.max_loras is None:
+            return True
+        if self.blocked:
+            return False
+        if lora.lora_int_id in self.active:
+            return True
+        if len(self.active) >= self.max_loras:
+            self.blocked = True
+            return False
+        self.active.add(lora.lora_int_id)
+        return True

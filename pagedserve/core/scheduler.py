@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from pagedserve.core.config import SchedulerConfig
 from pagedserve.core.kv_cache import KVCacheManager
+from pagedserve.core.lora import AdapterLimit, adapter_ids
 from pagedserve.core.policies import SchedulingPolicy
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.speculative import SpecDecodingStats
@@ -223,13 +224,13 @@ class Scheduler:
     @property
     def running_lora_adapters(self) -> list[str]:
         """Names of the adapters of the running requests (those the slots hold)."""
-        return sorted(_adapter_ids(self.running).values())
+        return sorted(adapter_ids(self.running).values())
 
     @property
     def waiting_lora_adapters(self) -> list[str]:
         """Names of the adapters only waiting requests ask for."""
-        running = _adapter_ids(self.running)
-        waiting = _adapter_ids(self.waiting)
+        running = adapter_ids(self.running)
+        waiting = adapter_ids(self.waiting)
         return sorted(name for lora_id, name in waiting.items() if lora_id not in running)
 
     @property
@@ -362,7 +363,7 @@ class Scheduler:
             self.waiting[:0] = not_ready
 
     def _admit_ready(self, step: _StepBuilder, seats: int) -> None:
-        adapters = _AdapterLimit(self.max_loras, self.running)
+        adapters = AdapterLimit(self.max_loras, self.running)
         index = 0
         while index < len(self.waiting) and step.budget > 0:
             request = self.waiting[index]
@@ -517,36 +518,3 @@ class Scheduler:
         if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
-
-
-def _adapter_ids(requests: list[Request]) -> dict[int, str]:
-    """LoRA adapter id -> name, over the requests that have one."""
-    return {r.lora_request.lora_int_id: r.lora_request.lora_name for r in requests if r.lora_request}
-
-
-class _AdapterLimit:
-    """One step's admission rule for LoRA adapters: at most ``max_loras`` distinct ones run.
-
-    Once a request is refused because its adapter would be one too many, every later adapter
-    request is refused in this step too (even of an adapter in use), so the running adapters
-    drain and the refused one is admitted within a bounded wait; base-model requests pass.
-    """
-
-    def __init__(self, max_loras: int | None, running: list[Request]) -> None:
-        self.max_loras = max_loras
-        self.active = set(_adapter_ids(running))
-        self.blocked = False
-
-    def admits(self, request: Request) -> bool:
-        lora = request.lora_request
-        if lora is None or self.max_loras is None:
-            return True
-        if self.blocked:
-            return False
-        if lora.lora_int_id in self.active:
-            return True
-        if len(self.active) >= self.max_loras:
-            self.blocked = True
-            return False
-        self.active.add(lora.lora_int_id)
-        return True
