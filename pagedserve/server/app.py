@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
 from transformers import PreTrainedTokenizerBase
 
@@ -23,6 +22,7 @@ from pagedserve.core.config import EngineConfig
 from pagedserve.core.plugins import get_plugin_manager
 from pagedserve.core.tokenizer import load_tokenizer
 from pagedserve.server import chat, completions, tokens
+from pagedserve.server.auth import bearer, require_api_key
 from pagedserve.server.connections import protocol_with_header_timeout
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
 from pagedserve.server.limits import BodySizeLimitMiddleware, ServerLimits
@@ -36,21 +36,17 @@ from pagedserve.server.tools import ToolOptions, check_tool_options, load_tool_p
 from pagedserve.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
-_bearer = HTTPBearer(auto_error=False)
 router = APIRouter()
 
 
 async def check_api_key(
     request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
     """With ``--api-key``, every ``/v1`` route needs it as a bearer token (as in vLLM, the
     health, metrics and tokenizer routes stay open)."""
-    key = get_state(request).api_key
-    if key is None or not request.url.path.startswith("/v1"):
-        return
-    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), key.encode()):
-        raise APIError(401, "Unauthorized: send the server's API key as 'Authorization: Bearer <key>'")
+    if request.url.path.startswith("/v1"):
+        require_api_key(get_state(request).api_key, credentials)
 
 
 @router.api_route(

@@ -9,7 +9,6 @@ asks for it); the page itself holds no data and stays open.
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,11 +16,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials
 
 from pagedserve.core.engine import LLMEngine
 from pagedserve.core.request import Request as EngineRequest
-from pagedserve.server.errors import APIError
+from pagedserve.server.auth import bearer, require_api_key
 from pagedserve.server.serving import ServerState, get_state
 
 #: A bigger cache is drawn with each cell standing for several blocks (the busiest state wins).
@@ -39,7 +38,6 @@ _STATIC = {
 _CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'"
 
 router = APIRouter()
-_bearer = HTTPBearer(auto_error=False)
 
 
 def block_map(ref_counts: list[int], block_hashes: list[Any], max_cells: int = MAX_CELLS) -> tuple[str, int]:
@@ -112,20 +110,13 @@ class _Rate:
         return self.rate
 
 
-def _check_key(state: ServerState, credentials: HTTPAuthorizationCredentials | None) -> None:
-    if state.api_key is None:
-        return
-    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), state.api_key.encode()):
-        raise APIError(401, "Unauthorized: send the server's API key as 'Authorization: Bearer <key>'")
-
-
 @router.get("/dashboard/state")
 async def dashboard_state(
     request: Request,
     state: Annotated[ServerState, Depends(get_state)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> dict[str, Any]:
-    _check_key(state, credentials)
+    require_api_key(state.api_key, credentials)
     snapshot = await state.engine.call(engine_state)
     tokens = state.registry.get_sample_value(
         "pagedserve:generation_tokens_total", {"model_name": state.model_name}
