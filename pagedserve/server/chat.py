@@ -38,10 +38,9 @@ from pagedserve.server.serving import (
     ServerState,
     StreamTally,
     choice_deltas,
-    collect,
+    collect_unless_disconnected,
     event_stream,
     get_state,
-    unless_disconnected,
     usage,
 )
 from pagedserve.server.structured import schema_error, structured_outputs_params
@@ -168,10 +167,7 @@ async def create_chat_completion(
     parser = state.tool_parser if choice == "auto" else None
     if body.stream:
         return event_stream(stream, _chunks(body, state, request_id, stream, choice, parser))
-    try:
-        outputs = await unless_disconnected(request, collect(stream))
-    finally:
-        stream.abort()
+    outputs = await collect_unless_disconnected(request, stream)
     if isinstance(outputs, Response):
         return outputs
     (output,) = outputs

@@ -22,10 +22,9 @@ from pagedserve.server.serving import (
     ServerState,
     StreamTally,
     choice_deltas,
-    collect,
+    collect_unless_disconnected,
     event_stream,
     get_state,
-    unless_disconnected,
     usage,
 )
 from pagedserve.server.structured import schema_error, structured_outputs_params
@@ -107,10 +106,7 @@ async def create_completion(
         raise schema_error(exc, source) or exc
     if body.stream:
         return event_stream(stream, _chunks(body, state, request_id, prompts, stream))
-    try:
-        outputs = await unless_disconnected(request, collect(stream))
-    finally:
-        stream.abort()
+    outputs = await collect_unless_disconnected(request, stream)
     if isinstance(outputs, Response):
         return outputs
     return CompletionResponse(

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from pagedserve.core.pooling import PoolingParams
 from pagedserve.server.errors import APIError
 from pagedserve.server.protocol import RequestModel, TokenId
-from pagedserve.server.serving import ServerState, collect, get_state, unless_disconnected
+from pagedserve.server.serving import ServerState, collect_unless_disconnected, get_state
 
 router = APIRouter()
 
@@ -100,10 +100,7 @@ async def create_embedding(
         raise APIError(400, str(exc), param="dimensions") from exc
     request_id = f"embd-{uuid.uuid4().hex}"
     stream = await state.add(request_id, [{"prompt_token_ids": ids} for ids in prompts], params)
-    try:
-        outputs = await unless_disconnected(request, collect(stream))
-    finally:
-        stream.abort()
+    outputs = await collect_unless_disconnected(request, stream)
     if isinstance(outputs, Response):
         return outputs
     num_tokens = sum(len(ids) for ids in prompts)

@@ -65,7 +65,7 @@ from pagedserve.server.responses_tools import (
     output_message,
     reply_message,
 )
-from pagedserve.server.serving import ServerState, collect, event_stream, get_state, unless_disconnected
+from pagedserve.server.serving import ServerState, collect_unless_disconnected, event_stream, get_state
 from pagedserve.server.structured import schema_error
 from pagedserve.server.tools import ToolCallStream, effective_tool_choice, extract_tool_calls, tool_grammar
 
@@ -228,10 +228,7 @@ async def create_response(
     draft = Draft(body, state, store, response_id, f"msg_{uuid.uuid4().hex}", conversation, choice)
     if body.stream:
         return event_stream(stream, _events(draft, stream), typed_events=True)
-    try:
-        outputs = await unless_disconnected(request, collect(stream))
-    finally:
-        stream.abort()
+    outputs = await collect_unless_disconnected(request, stream)
     if isinstance(outputs, Response):
         return outputs
     (output,) = outputs

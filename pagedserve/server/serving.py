@@ -305,6 +305,15 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | Respo
     return task.result()
 
 
+async def collect_unless_disconnected(request: Request, stream: RequestStream) -> list[RequestOutput] | Response:
+    """The stream's final outputs (``collect``), or a 499 if the client leaves first; either way
+    the stream's requests are aborted once it returns (a no-op for those that finished)."""
+    try:
+        return await unless_disconnected(request, collect(stream))
+    finally:
+        stream.abort()
+
+
 def event_stream(
     stream: RequestStream, chunks: AsyncIterator[BaseModel], typed_events: bool = False
 ) -> EventSourceResponse:
