@@ -28,7 +28,8 @@ def _json_object(value: Any) -> dict[str, Any] | None:
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
     click.option("--max-model-len", type=int, default=None),
-    click.option("--max-num-seqs", type=int, default=256),
+    click.option("--max-num-seqs", type=int, default=None,
+                 help="Sequences a step may hold [default: 256; generate, chat and complete in-process: 1]."),
     click.option("--max-num-batched-tokens", type=int, default=None),
     click.option("--block-size", type=int, default=16),
     click.option("--num-kv-blocks", type=int, default=None),
@@ -144,6 +145,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
     model = model or default_model()
     if model is None:
         raise click.UsageError("give --model (a HF folder or hub id)")
+    if kwargs["max_num_seqs"] is None:  # one prompt: a cache and a warm-up for one sequence
+        kwargs["max_num_seqs"] = 1
     try:
         engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -235,6 +238,12 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
           enable_lora_runtime_updating: bool, lora_roots: tuple[str, ...], enable_auto_tool_choice: bool,
           tool_call_parser: str | None, **kwargs: Any) -> None:
     """Serve MODEL with an OpenAI-compatible HTTP API until SIGINT or SIGTERM."""
+    from pagedserve.server.listen import ServerStartError, bind_socket
+
+    try:
+        sock = bind_socket(host, port)  # first: a port in use is said before any slow import
+    except ServerStartError as exc:
+        raise click.ClickException(str(exc)) from exc
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.loader import ModelLoadError
     from pagedserve.core.plugins import PluginError
@@ -264,9 +273,9 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
         )
         tools = ToolOptions(enable_auto_tool_choice, tool_call_parser)
         limits = ServerLimits(**{name: kwargs[name] for name in _LIMIT_OPTIONS if kwargs[name] is not None})
-        run_server(config, host, port, api_key, cors, adapters, tools, limits,
+        run_server(config, host, port, api_key, cors, adapters, tools, limits, sock=sock,
                    log_level=logging.getLogger().getEffectiveLevel())
-    except (ValueError, ModelLoadError, PluginError) as exc:
+    except (ValueError, ModelLoadError, PluginError, ServerStartError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -299,5 +308,11 @@ def _add_plugin_commands() -> None:
 
 
 def main() -> None:
-    _add_plugin_commands()
+    from pagedserve.core.plugins import PluginError
+
+    try:
+        _add_plugin_commands()
+    except PluginError as exc:  # a bad PAGEDSERVE_PLUGINS or a broken plugin: one line, no traceback
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     cli()

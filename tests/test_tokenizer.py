@@ -61,7 +61,7 @@ def test_tiny_tokenizer_round_trips_multibyte_text(tokenizer) -> None:
 
 def test_load_tokenizer_from_a_folder_without_one_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+    with pytest.raises(ValueError, match="has no tokenizer"):
         load_tokenizer(str(tmp_path))
 
 

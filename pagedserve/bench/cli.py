@@ -12,7 +12,7 @@ from pagedserve.cli import default_model, engine_args, engine_options
 
 @click.group()
 def bench() -> None:
-    """Benchmarks: offline throughput against transformers, and load against a server."""
+    """Benchmarks: offline throughput against transformers, load against a server, start-up time."""
 
 
 @bench.command()
@@ -212,7 +212,8 @@ def _lora_throughput(model: str, kwargs: dict[str, Any], num_loras: str, rank: i
 
 @bench.command()
 @click.option("--base-url", default="http://127.0.0.1:8000/v1")
-@click.option("--api-key", default="EMPTY")
+@click.option("--api-key", envvar="OPENAI_API_KEY", default="EMPTY",
+              help="The server's --api-key (or set OPENAI_API_KEY).")
 @click.option("--num-prompts", type=int, default=64)
 @click.option("--lengths", default="sharegpt", help="fixed:IN,OUT | uniform:A-B,C-D | sharegpt")
 @click.option("--workload-seed", type=int, default=0)
@@ -231,8 +232,18 @@ def serve(base_url: str, api_key: str, num_prompts: int, lengths: str, workload_
     from pagedserve.bench.serve import run_load
     from pagedserve.bench.workload import make_workload
 
+    import openai
+
     workload = make_workload(lengths, num_prompts, vocab_size, max_model_len, workload_seed)
-    results = asyncio.run(run_load(base_url, workload, request_rate, max_concurrency, api_key))
+    try:
+        results = asyncio.run(run_load(base_url, workload, request_rate, max_concurrency, api_key))
+    except openai.AuthenticationError as exc:
+        raise click.ClickException(
+            f"the server at {base_url} refused the API key ({exc.status_code}): give the server's key "
+            "with --api-key (or OPENAI_API_KEY)"
+        ) from exc
+    except openai.APIConnectionError as exc:
+        raise click.ClickException(f"no server answers at {base_url} ({exc}); start one or fix --base-url") from exc
     rows: list[tuple[str, Any]] = []
     for name, value in results.items():
         if isinstance(value, dict):
@@ -255,3 +266,34 @@ def serve(base_url: str, api_key: str, num_prompts: int, lengths: str, workload_
         settings = {"base_url": base_url, "num_prompts": num_prompts, "lengths": lengths,
                     "request_rate": request_rate, "max_concurrency": max_concurrency}
         click.echo(f"wrote {write_result(output_json, 'serve', settings, results, 'server')}")
+
+
+@bench.command()
+@click.option("--model", default=None, help="HF model folder or hub id (default: the bundled model).")
+@click.option("--num-runs", type=int, default=3, show_default=True)
+@click.option("--prompt", default="def fibonacci(n):", show_default=True)
+@click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+def startup(model: str | None, num_runs: int, prompt: str, output_json: str | None) -> None:
+    """Start-up as a user waits for it, each run a fresh process: ``pagedserve generate`` to its
+    first printed token, ``pagedserve serve`` to its first /health 200 (best and median of
+    --num-runs; the targets are 3 s and 5 s on an idle 2-core machine, and the machine's load
+    average is reported with them)."""
+    from pagedserve.bench.report import format_table, write_result
+    from pagedserve.bench.startup import run_startup
+
+    if num_runs < 1:
+        raise click.BadParameter("give at least 1", param_hint="--num-runs")
+    model_args = ["--model", model] if model else []
+    try:
+        results = run_startup(model_args, num_runs, prompt)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows: list[tuple[str, Any]] = []
+    for name, value in results.items():
+        if name == "runs":
+            continue
+        rows += [(f"{name} {k}", v) for k, v in value.items()] if isinstance(value, dict) else [(name, value)]
+    click.echo(format_table(rows))
+    if output_json:
+        settings = {"model": model or default_model(), "num_runs": num_runs, "prompt": prompt}
+        click.echo(f"wrote {write_result(output_json, 'startup', settings, results, 'cpu')}")

@@ -23,6 +23,7 @@ from pagedserve.core.request_group import RequestGroup
 from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.startup import phase, startup
 from pagedserve.core.speculative import ProposalBatch, SpecDecodingStats, speculation_enabled_for
 from pagedserve.core.tokenizer import IncrementalDetokenizer, bad_words_token_ids, get_eos_token_ids, load_tokenizer
 
@@ -73,17 +74,24 @@ class LLMEngine:
     """The synchronous engine. Not thread-safe: one caller steps it."""
 
     def __init__(self, config: EngineConfig, plugins: PluginManager | None = None) -> None:
+        with startup("engine"):
+            self._build(config, plugins)
+
+    def _build(self, config: EngineConfig, plugins: PluginManager | None) -> None:
         from pagedserve.core.model_runner import ModelRunnerBase
 
         self.config = config
-        self.plugins = plugins or get_plugin_manager()
+        with phase("plugins"):
+            self.plugins = plugins or get_plugin_manager()
         model_config = config.model
-        model_config.model_path = resolve_model_path(model_config.model, model_config.revision)
-        model_config.hf_config = load_hf_config(model_config.model_path)
-        config.finalize(get_model_max_len(model_config.hf_config))
+        with phase("model config"):
+            model_config.model_path = resolve_model_path(model_config.model, model_config.revision)
+            model_config.hf_config = load_hf_config(model_config.model_path)
+            config.finalize(get_model_max_len(model_config.hf_config))
         self.max_model_len: int = model_config.max_model_len  # type: ignore[assignment]
 
-        self.tokenizer = load_tokenizer(model_config.tokenizer or model_config.model_path, model_config.revision)
+        with phase("tokenizer"):
+            self.tokenizer = load_tokenizer(model_config.tokenizer or model_config.model_path, model_config.revision)
         self.generation_config = load_generation_config(model_config.model_path)
         self.eos_token_ids = get_eos_token_ids(self.tokenizer, self.generation_config)
 

@@ -7,7 +7,6 @@ PyTorch runs on natively (CPU, CUDA).
 
 from __future__ import annotations
 
-import logging
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -26,13 +25,13 @@ from pagedserve.core.plugins import PluginManager, Registry
 from pagedserve.core.rejection_sampler import verify
 from pagedserve.core.pooling import pool_chunk
 from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
+from pagedserve.core.startup import phase
 from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
 
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
     from pagedserve.core.scheduler import SchedulerOutput
 
-logger = logging.getLogger(__name__)
 
 @dataclass
 class RunnerOutput:
@@ -103,7 +102,8 @@ class ModelRunner(ModelRunnerBase):
         self.config = config
         self.device = torch.device(config.device.resolved())
         self.block_size = config.cache.block_size
-        self.model = load_model(config.model, config.quantization, self.device.type)
+        with phase("weights"):
+            self.model = load_model(config.model, config.quantization, self.device.type)
         hf_config = config.model.hf_config
         self.vocab_size = int(hf_config.vocab_size)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -118,12 +118,14 @@ class ModelRunner(ModelRunnerBase):
         #: proposer that reads hidden states.
         self._last_hidden: dict[str, torch.Tensor] = {}
         self.kv_cache_dtype = self._kv_cache_dtype()
-        self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_caches = self._allocate_kv_caches()
+        with phase("KV cache"):
+            self.num_kv_blocks = self._num_kv_blocks()
+            self.kv_caches = self._allocate_kv_caches()
         if self.proposer is not None:
             self.proposer.allocate_kv_cache(self.num_kv_blocks)
         self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
-        self._warm_up()
+        with phase("compile and warm-up" if config.torch_compile else "warm-up"):
+            self._warm_up()
 
         self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
 
@@ -169,31 +171,39 @@ class ModelRunner(ModelRunnerBase):
                 layer.kv_scale = torch.ones(2, dtype=torch.float32, device=self.device)
         return caches
 
+    def largest_step_tokens(self) -> int:
+        """The most tokens one step can hold under this configuration: the token budget, but no
+        more than ``max_num_seqs`` full-length requests and no more than the KV cache holds."""
+        config = self.config
+        return min(
+            config.scheduler.max_num_batched_tokens,  # type: ignore[type-var]
+            config.scheduler.max_num_seqs * config.model.max_model_len,  # type: ignore[operator]
+            self.num_kv_blocks * self.block_size,
+        )
+
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """Run the forward once at the largest step the scheduler can make, as vLLM's profile run
+        """Run the forward once at the largest step the scheduler can make (``largest_step_tokens``,
+        so a one-request configuration warms up at one request's size), as vLLM's profile run
         does: the first step of a large size costs a one-time set-up (likely the allocator mapping
         fresh memory), which the first requests would otherwise pay (a third of a short CPU
         benchmark, measured). With ``torch_compile``, first one token and two: dynamo specialises
         size 1 and compiles one graph with a symbolic token count for every other size. The
         dummy K/V written into the cache are zeroed after (the backend contract)."""
-        start = time.perf_counter()
         sizes = [1, 2] if self.config.torch_compile else []
-        sizes.append(self.config.scheduler.max_num_batched_tokens)
+        sizes.append(self.largest_step_tokens())
         for num_tokens in sizes:
             self._dummy_step(num_tokens)
         for kv in self.kv_caches:
             kv.view(torch.uint8).zero_()
-        what = "compiled and warmed up" if self.config.torch_compile else "warmed up"
-        logger.info("%s the model forward in %.1f s", what, time.perf_counter() - start)
 
     def _dummy_step(self, num_tokens: int) -> None:
         """A forward over fresh requests of zeros, as many tokens as the cache holds, up to
-        ``num_tokens``, each request at most ``max_model_len`` long; then the logits of a full
-        batch of sampled rows."""
+        ``num_tokens``, each request at most ``max_model_len`` long and at most ``max_num_seqs``
+        of them; then the logits of a full batch of sampled rows."""
         seqs: list[tuple[list[int], int, int]] = []
         next_block = 0
-        while num_tokens > 0 and next_block < self.num_kv_blocks:
+        while num_tokens > 0 and next_block < self.num_kv_blocks and len(seqs) < self.config.scheduler.max_num_seqs:
             free_slots = (self.num_kv_blocks - next_block) * self.block_size
             length = min(num_tokens, self.config.model.max_model_len, free_slots)
             blocks = -(-length // self.block_size)

@@ -144,7 +144,19 @@ class PluginManager:
     def load_entry_points(self) -> None:
         """Import and register every allowed entry point of the ``pagedserve`` group."""
         allow = self._allow if self._allow is not None else allow_list_from_env()
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if allow is not None:
+            unknown = sorted(set(allow) - {ep.name for ep in entry_points})
+            if unknown:
+                third_party = sorted(
+                    ep.name for ep in entry_points
+                    if ep.dist is None or ep.dist.metadata["Name"] != BUILTIN_DISTRIBUTION
+                )
+                raise PluginError(
+                    f"{ALLOW_LIST_ENV} names {', '.join(unknown)}, which no installed package "
+                    f"provides; installed third-party plugins: {', '.join(third_party) or 'none'}"
+                )
+        for ep in entry_points:
             dist = ep.dist.metadata["Name"] if ep.dist is not None else None
             builtin = dist == BUILTIN_DISTRIBUTION
             if not builtin and allow is not None and ep.name not in allow:

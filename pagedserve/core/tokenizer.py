@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """A fast transformers tokenizer from a local folder or a hub id (never remote code)."""
     if os.path.isdir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise ValueError(
             f"{path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}); "
             "point the tokenizer option at a folder or hub id that has one"
         )

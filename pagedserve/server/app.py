@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -26,6 +27,7 @@ from pagedserve.server.auth import bearer, require_api_key
 from pagedserve.server.connections import protocol_with_header_timeout
 from pagedserve.server.errors import APIError, error_response, install_error_handlers
 from pagedserve.server.limits import BodySizeLimitMiddleware, ServerLimits
+from pagedserve.server.listen import bind_socket
 from pagedserve.server.middleware import CORSOptions, install_middleware, uvicorn_log_config
 from pagedserve.server.openapi import ERROR_RESPONSES, install_openapi
 from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, ModelList
@@ -199,10 +201,12 @@ def run_server(
     adapters: ServedAdapters | None = None,
     tools: ToolOptions | None = None,
     limits: ServerLimits | None = None,
+    sock: socket.socket | None = None,
     **uvicorn_args: Any,
 ) -> None:
     """Load the model, then serve until SIGINT or SIGTERM, which shut down cleanly (exit 0).
-    HTTP/1.1 is uvicorn's h11 protocol with ``limits``' keep-alive and header-read timeouts."""
+    HTTP/1.1 is uvicorn's h11 protocol with ``limits``' keep-alive and header-read timeouts.
+    ``sock``: the address already bound (``bind_socket``), else bound here before the model loads."""
     import uvicorn
 
     from pagedserve.core.metrics import EngineMetrics
@@ -215,7 +219,12 @@ def run_server(
     metrics = EngineMetrics(served_model_name(config))
     tools = tools or ToolOptions()
     check_tool_options(tools, get_plugin_manager())  # before the model loads
-    engine = AsyncLLMEngine(config, observers=[metrics])
+    sock = sock or bind_socket(host, port)  # a port in use is said now, not after the model loaded
+    try:
+        engine = AsyncLLMEngine(config, observers=[metrics])
+    except BaseException:
+        sock.close()
+        raise
     if adapters is not None:
         for lora in adapters.adapters.values():  # before the engine thread runs: checked at start-up
             try:
@@ -225,7 +234,7 @@ def run_server(
                 raise
     limits = limits or ServerLimits()
     app = create_app(engine, metrics.registry, api_key, cors, adapters, tools, limits)
-    uvicorn.run(
+    server = uvicorn.Server(uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -233,5 +242,6 @@ def run_server(
         http=protocol_with_header_timeout(limits.timeout_header_read),
         timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
         **uvicorn_args,
-    )
+    ))
+    server.run(sockets=[sock])
 

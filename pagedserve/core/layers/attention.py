@@ -113,7 +113,11 @@ class Attention(nn.Module):
         _layers_by_op_id[self.op_id] = self
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``query`` [T, H*D], ``key``/``value`` [T, Hkv*D] -> [T, H*D]."""
+        """``query`` [T, H*D], ``key``/``value`` [T, Hkv*D] -> [T, H*D]. Eager calls skip the
+        custom op: its dispatch imports torch._dynamo on first use (a second of start-up) and
+        costs a little every layer, and only a graph being compiled needs attention opaque."""
+        if not torch.compiler.is_compiling():
+            return self.attend(query, key, value)
         return torch.ops.pagedserve.attention(query, key, value, self.op_id)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
