@@ -15,12 +15,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 
-# torch first, from an index that has the build wanted: PyTorch's CPU index holds CPU-only
-# wheels, so nothing pulls the CUDA libraries (several GB) into this variant.
+# torch first (with numpy, without which it warns on import), from an index that has the build
+# wanted: PyTorch's CPU index holds CPU-only wheels, so nothing pulls the CUDA libraries (several
+# GB) into this variant.
 FROM base AS torch-cpu
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION" numpy
 
 # PyPI's Linux torch is the CUDA build; its wheels bring the CUDA runtime libraries (the node
 # brings the driver). Another CUDA version: --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXYZ.
@@ -32,7 +33,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 ARG TORCH_VERSION
 ARG TORCH_INDEX_URL=https://pypi.org/simple
-RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
+RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION" numpy
 
 FROM torch-${VARIANT} AS image
 # As the Makefile does: pin the torch just installed, so that no dependency can replace it
