@@ -307,9 +307,18 @@ def _add_plugin_commands() -> None:
     get_plugin_manager().hook.register_commands(cli=cli)
 
 
+def _add_interactive_commands() -> None:
+    """``chat`` and ``complete`` live in their own module (which builds on this one's options)."""
+    from pagedserve.interactive import chat, complete
+
+    cli.add_command(chat)
+    cli.add_command(complete)
+
+
 def main() -> None:
     from pagedserve.core.plugins import PluginError
 
+    _add_interactive_commands()
     try:
         _add_plugin_commands()
     except PluginError as exc:  # a bad PAGEDSERVE_PLUGINS or a broken plugin: one line, no traceback
