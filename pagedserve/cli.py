@@ -24,6 +24,26 @@ def _json_object(value: Any) -> dict[str, Any] | None:
     return parsed
 
 
+class _NargsPlusOption(click.Option):
+    """vLLM's ``nargs="+"``: ``--lora-modules a=x b=y`` takes values up to the next option
+    (``--lora-modules`` may also be repeated)."""
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for opt in self.opts:
+            parser_option = parser._long_opt.get(opt)
+            if parser_option is None:
+                continue
+            process = parser_option.process
+
+            def take_all(value: Any, state: Any, _process: Any = process) -> None:
+                _process(value, state)
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    _process(state.rargs.pop(0), state)
+
+            parser_option.process = take_all
+
+
 #: Engine flags shared by the commands that build an engine, with vLLM's names.
 _ENGINE_OPTIONS = [
     click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"])),
@@ -39,6 +59,10 @@ _ENGINE_OPTIONS = [
                  help="dummy: random weights, no checkpoint read (benchmarks)."),
     click.option("--attention-backend", default=None),
     click.option("--torch-compile", is_flag=True, help="Compile the model forward (slower start, faster steps)."),
+    click.option("--enforce-eager", is_flag=True, help="Never capture CUDA graphs: every step runs eagerly."),
+    click.option("--cuda-graph-sizes", type=int, multiple=True, cls=_NargsPlusOption, metavar="N [N ...]",
+                 help="Decode batch sizes captured as CUDA graphs (one value N: 1, 2, 4, multiples of 8 "
+                      "up to N; default up to --max-num-seqs)."),
     click.option("--device", default="auto"),
     click.option("--seed", type=int, default=0),
     click.option("--pooler-config", type=_json_object, default=None, metavar="JSON",
@@ -66,28 +90,10 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
              "attention_backend", "torch_compile", "device", "seed", "pooler_config", "enable_lora",
-             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config")
-    return {name: kwargs[name] for name in names}
-
-
-class _NargsPlusOption(click.Option):
-    """vLLM's ``nargs="+"``: ``--lora-modules a=x b=y`` takes values up to the next option
-    (``--lora-modules`` may also be repeated)."""
-
-    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
-        super().add_to_parser(parser, ctx)
-        for opt in self.opts:
-            parser_option = parser._long_opt.get(opt)
-            if parser_option is None:
-                continue
-            process = parser_option.process
-
-            def take_all(value: Any, state: Any, _process: Any = process) -> None:
-                _process(value, state)
-                while state.rargs and not state.rargs[0].startswith("-"):
-                    _process(state.rargs.pop(0), state)
-
-            parser_option.process = take_all
+             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager")
+    args = {name: kwargs[name] for name in names}
+    args["cuda_graph_sizes"] = list(kwargs["cuda_graph_sizes"]) or None
+    return args
 
 
 def lora_adapters_from_flags(

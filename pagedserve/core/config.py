@@ -292,9 +292,25 @@ class EngineConfig:
     #: because on a small CPU the compile time outweighs short runs.
     torch_compile: bool = False
     speculative: SpeculativeConfig | None = None
+    #: vLLM's ``enforce_eager``: never capture CUDA graphs (every step runs eagerly).
+    enforce_eager: bool = False
+    #: vLLM's ``cuda_graph_sizes``: the batch sizes decode steps are padded to and captured at
+    #: (one value N: 1, 2, 4, the multiples of 8 up to N, and N). None: up to ``max_num_seqs``.
+    #: Given on the CPU, decode steps are padded the same way without capture (see
+    #: ``core/cuda_graphs.py``).
+    cuda_graph_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.speculative = SpeculativeConfig.from_value(self.speculative)
+        if not isinstance(self.enforce_eager, bool):
+            raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if self.cuda_graph_sizes is not None:
+            sizes = list(self.cuda_graph_sizes)
+            if not sizes:
+                raise ConfigError("cuda_graph_sizes must hold at least one batch size (or be left unset)")
+            for size in sizes:
+                _positive("every cuda_graph_sizes entry", size)
+            self.cuda_graph_sizes = sizes
         if self.lora.enable_lora and self.torch_compile:
             raise ConfigError(
                 "enable_lora does not work with torch_compile yet (the LoRA slots change between "
@@ -353,6 +369,8 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "quantization": (None, "quantization"),
     "torch_compile": (None, "torch_compile"),
     "speculative_config": (None, "speculative"),
+    "enforce_eager": (None, "enforce_eager"),
+    "cuda_graph_sizes": (None, "cuda_graph_sizes"),
 }
 
 

@@ -118,8 +118,10 @@ def build_batch_layout(
         block_tables[token_req, positions // block_size] * block_size + positions % block_size
     )
 
+    from pagedserve.core.sampling import host_to_device
+
     def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(array).to(device=device, dtype=dtype)
+        return host_to_device(array, dtype, device)
 
     return BatchLayout(
         num_reqs=num_reqs,

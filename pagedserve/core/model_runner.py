@@ -17,14 +17,16 @@ import torch
 
 from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
-from pagedserve.core.kv_sizing import cuda_memory, kv_bytes_per_block, num_kv_blocks
+from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes, cuda_graph_reason
+from pagedserve.core.kv_sizing import DeviceMemory, allocator_stats, kv_bytes_per_block, measure_memory, num_kv_blocks
 from pagedserve.core.layers.attention import Attention, AttentionBackend
 from pagedserve.core.loader import load_model
 from pagedserve.core.lora import LoRAManagerBase
 from pagedserve.core.plugins import PluginManager, Registry
 from pagedserve.core.rejection_sampler import verify
 from pagedserve.core.pooling import pool_chunk
-from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs
+from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler, compute_prompt_logprobs, host_to_device
+from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.startup import phase
 from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
 
@@ -48,6 +50,41 @@ class RunnerOutput:
     pooled: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
     #: Wall time of the model forward and the sampled rows' logits (the engine-overhead baseline).
     forward_seconds: float = 0.0
+
+
+class StepTimer:
+    """The wall time of a step's forward (and its sampled rows' logits), the engine-overhead
+    baseline. On CUDA it is read from two events after the step's one device-to-host copy, so
+    timing adds no synchronisation of its own."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.events = None
+        self.start = time.perf_counter()
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.seconds = 0.0
+
+    def forward_done(self) -> None:
+        if self.events is None:
+            self.seconds = time.perf_counter() - self.start
+        else:
+            self.events[1].record()
+
+    def forward_seconds(self) -> float:
+        if self.events is None:
+            return self.seconds
+        self.events[1].synchronize()  # done already when the step copied sampled tokens back
+        return self.events[0].elapsed_time(self.events[1]) / 1000
+
+
+def dummy_requests(count: int) -> list[Request]:
+    """Requests of one prompt token that sample with top-k, top-p and logprobs: the sampler's
+    widest work, for the profile step."""
+    from pagedserve.core.request import Request
+
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=20, max_tokens=1)
+    return [Request(f"profile-{i}", [0], params) for i in range(count)]
 
 
 class ModelRunnerBase(ABC):
@@ -118,16 +155,31 @@ class ModelRunner(ModelRunnerBase):
         #: proposer that reads hidden states.
         self._last_hidden: dict[str, torch.Tensor] = {}
         self.kv_cache_dtype = self._kv_cache_dtype()
+        self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
+        self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
+
+        #: Why decode steps are not CUDA graphs here (None: they are captured).
+        self.cuda_graph_reason = cuda_graph_reason(config, self.device, self.backend)
+        pad = self.cuda_graph_reason is None or (self.device.type != "cuda" and config.cuda_graph_sizes is not None)
         with phase("KV cache"):
             self.num_kv_blocks = self._num_kv_blocks()
-            self.kv_caches = self._allocate_kv_caches()
+            # Padded decode rows write their K/V into one block beyond the scheduler's.
+            self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks + pad)
         if self.proposer is not None:
             self.proposer.allocate_kv_cache(self.num_kv_blocks)
-        self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
         with phase("compile and warm-up" if config.torch_compile else "warm-up"):
             self._warm_up()
-
-        self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
+        self.padded_decode: PaddedDecode | None = None
+        if pad:
+            self.padded_decode = PaddedDecode(
+                config, capture_sizes(config), self.backend, self.forward, self.num_kv_blocks, self.device,
+                capture=self.cuda_graph_reason is None,
+            )
+            if self.cuda_graph_reason is None:
+                with phase("CUDA graph capture"):
+                    self.padded_decode.capture_all()
+        elif self.device.type == "cuda":
+            logger.info("decode steps run eagerly: %s", self.cuda_graph_reason)
 
     def _build_proposer(self, plugins: PluginManager) -> Proposer:
         method = self.config.speculative.method  # type: ignore[union-attr]
@@ -151,18 +203,45 @@ class ModelRunner(ModelRunnerBase):
         return kv_bytes_per_block(layers, self.block_size, self.backend.kv_cache_shape, self.kv_cache_dtype)
 
     def _num_kv_blocks(self) -> int:
-        memory = cuda_memory(self.device) if self.device.type == "cuda" else None
+        """The configured size, else on an accelerator what its memory holds after a profile
+        step measured the activation peak, else (the CPU) the CPU rule of ``kv_sizing``."""
         per_block = self._bytes_per_block()
         if self.proposer is not None:  # a draft model's KV lives in the same blocks
             per_block += self.proposer.kv_cache_bytes_per_block()
-        return num_kv_blocks(self.config, per_block, self.vocab_size, memory)
+        cache = self.config.cache
+        stats = allocator_stats(self.device)
+        memory = None
+        if stats is not None and cache.num_kv_blocks is None and cache.kv_cache_memory_bytes is None:
+            memory = measure_memory(stats, self._profile_step)
+        blocks = num_kv_blocks(self.config, per_block, memory)
+        if memory is not None:
+            logger.info("KV cache: %s -> %d blocks of %d bytes", memory.describe(cache.gpu_memory_utilization),
+                        blocks, per_block)
+        return blocks
 
-    def _allocate_kv_caches(self) -> list[torch.Tensor]:
+    @torch.inference_mode()
+    def _profile_step(self) -> None:
+        """The largest step the scheduler can make, for the activation peak: a forward over
+        ``max_num_batched_tokens`` tokens (on a KV cache just big enough, freed after) and the
+        logits and sampling of ``max_num_seqs`` rows with top-k, top-p and logprobs."""
+        scheduler = self.config.scheduler
+        max_len = int(self.config.model.max_model_len)  # type: ignore[arg-type]
+        tokens = min(int(scheduler.max_num_batched_tokens), scheduler.max_num_seqs * max_len)  # type: ignore[arg-type]
+        blocks = -(-tokens // self.block_size) + -(-tokens // max_len)
+        self.kv_caches = self._allocate_kv_caches(blocks)
+        hidden = self._dummy_forward(tokens, blocks)
+        rows = min(scheduler.max_num_seqs, hidden.shape[0])
+        logits = self.model.compute_logits(hidden[:rows])
+        self.sampler(logits, SamplingBatch(dummy_requests(rows), device=self.device))
+        del hidden, logits
+        self.kv_caches = []
+        for layer in self.attention_layers:
+            layer.kv_cache = layer.kv_scale = None
+
+    def _allocate_kv_caches(self, num_blocks: int) -> list[torch.Tensor]:
         caches = []
         for layer in self.attention_layers:
-            shape = self.backend.kv_cache_shape(
-                self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_size
-            )
+            shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
             layer.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             caches.append(layer.kv_cache)
             if self.config.cache.kv_cache_dtype == "fp8":
@@ -198,13 +277,19 @@ class ModelRunner(ModelRunnerBase):
             kv.view(torch.uint8).zero_()
 
     def _dummy_step(self, num_tokens: int) -> None:
-        """A forward over fresh requests of zeros, as many tokens as the cache holds, up to
-        ``num_tokens``, each request at most ``max_model_len`` long and at most ``max_num_seqs``
-        of them; then the logits of a full batch of sampled rows."""
+        """A dummy forward of ``num_tokens`` on the KV cache, then the logits of a full batch
+        of sampled rows."""
+        hidden = self._dummy_forward(num_tokens, self.num_kv_blocks)
+        self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+
+    def _dummy_forward(self, num_tokens: int, num_blocks: int) -> torch.Tensor:
+        """A forward over fresh requests of zeros, as many tokens as ``num_blocks`` blocks hold,
+        up to ``num_tokens``, each request at most ``max_model_len`` long and at most
+        ``max_num_seqs`` of them."""
         seqs: list[tuple[list[int], int, int]] = []
         next_block = 0
-        while num_tokens > 0 and next_block < self.num_kv_blocks and len(seqs) < self.config.scheduler.max_num_seqs:
-            free_slots = (self.num_kv_blocks - next_block) * self.block_size
+        while num_tokens > 0 and next_block < num_blocks and len(seqs) < self.config.scheduler.max_num_seqs:
+            free_slots = (num_blocks - next_block) * self.block_size
             length = min(num_tokens, self.config.model.max_model_len, free_slots)
             blocks = -(-length // self.block_size)
             seqs.append((list(range(next_block, next_block + blocks)), 0, length))
@@ -213,8 +298,7 @@ class ModelRunner(ModelRunnerBase):
         layout = build_batch_layout(seqs, self.block_size, self.device)
         input_ids = torch.zeros(layout.num_tokens, dtype=torch.long, device=self.device)
         with set_forward_context(self.backend, self.backend.build_metadata(layout)):
-            hidden = self.forward(input_ids, layout.positions)
-        self.model.compute_logits(hidden[: self.config.scheduler.max_num_seqs])
+            return self.forward(input_ids, layout.positions)
 
     def prepare_request(self, request: Request, tokenizer: Any) -> list[Future]:
         return self.sampler.prepare_request(request, tokenizer)
@@ -224,7 +308,7 @@ class ModelRunner(ModelRunnerBase):
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if scheduler_output.blocks_to_copy:
-            pairs = torch.tensor(scheduler_output.blocks_to_copy, dtype=torch.long, device=self.device)
+            pairs = host_to_device(scheduler_output.blocks_to_copy, torch.long, self.device)
             self.backend.copy_blocks(self.kv_caches, pairs)
         scheduled = scheduler_output.scheduled
         output = RunnerOutput()
@@ -262,30 +346,21 @@ class ModelRunner(ModelRunnerBase):
                 targets = req.prompt_token_ids[start + 1 : end + 1]
                 prompt_rows.append((req.request_id, start, first, targets, k))
 
-        layout = build_batch_layout(seqs, self.block_size, self.device)
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        metadata = self.backend.build_metadata(layout)
-        lora_mapping = None
-        if self.lora_manager is not None:
-            lora_mapping = self.lora_manager.prepare_step(
-                [item.request.lora_request for item in scheduled], layout.query_lens_list
-            )
-        forward_start = time.perf_counter()
-        with set_forward_context(self.backend, metadata, lora_mapping):
-            hidden = self.forward(input_ids, layout.positions)
+        timer = StepTimer(self.device)
+        padded_size = self._padded_size(scheduler_output, len(token_ids))
+        if padded_size is not None:
+            positions = [start for _, start, _ in seqs]
+            hidden = self.padded_decode.run(token_ids, positions, [s[0] for s in seqs], padded_size)  # type: ignore[union-attr]
+        else:
+            hidden = self._eager_forward(scheduled, token_ids, seqs)
         all_rows = sample_rows + spec_rows
         if all_rows:
-            rows = torch.tensor(all_rows, dtype=torch.long, device=self.device)
+            rows = host_to_device(all_rows, torch.long, self.device)
             all_logits = self.model.compute_logits(hidden[rows])
             sample_logits = all_logits[: len(sample_rows)]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        output.forward_seconds = time.perf_counter() - forward_start
-
-        for request_id, start, first, targets, k in prompt_rows:
-            logits = self.model.compute_logits(hidden[first : first + len(targets)])
-            target_ids = torch.tensor(targets, dtype=torch.long, device=self.device)
-            output.prompt_logprobs[request_id] = (start, compute_prompt_logprobs(logits, target_ids, k))
+        timer.forward_done()
+        if prompt_rows:
+            output.prompt_logprobs.update(self._prompt_logprobs(hidden, prompt_rows))
 
         for request_id, start, first, count, last in pool_rows:
             partial = pool_chunk(self.pooling_type, hidden[first : first + count], last)
@@ -317,7 +392,48 @@ class ModelRunner(ModelRunnerBase):
                     row = spec_rows[first_row + len(result.token_ids) - 1]
                     self._last_hidden[req.request_id] = hidden[row].clone()
                 first_row += len(req.spec_token_ids) + 1
+        output.forward_seconds = timer.forward_seconds()
         return output
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, prompt_rows: list[tuple[str, int, int, list[int], int]]
+    ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        """The prompt logprobs of every request that asked, from one logits call and one
+        device-to-host copy for the whole step."""
+        rows = [row for _, _, first, targets, _ in prompt_rows for row in range(first, first + len(targets))]
+        targets = [token for *_, chunk, _ in prompt_rows for token in chunk]
+        wanted = [k for *_, chunk, k in prompt_rows for _ in chunk]
+        logits = self.model.compute_logits(hidden[host_to_device(rows, torch.long, self.device)])
+        entries = compute_prompt_logprobs(logits, host_to_device(targets, torch.long, self.device), wanted)
+        result, start = {}, 0
+        for request_id, position, _, chunk, _ in prompt_rows:
+            result[request_id] = (position, entries[start : start + len(chunk)])
+            start += len(chunk)
+        return result
+
+    def _padded_size(self, scheduler_output: SchedulerOutput, num_tokens: int) -> int | None:
+        """The padded batch size of a decode-only step (every request one new token, none an
+        embedding), None when the step runs eagerly."""
+        if self.padded_decode is None or self.lora_manager is not None:
+            return None
+        if num_tokens != len(scheduler_output.scheduled):
+            return None
+        if any(item.request.pooling_params is not None for item in scheduler_output.scheduled):
+            return None
+        return self.padded_decode.padded_size(num_tokens)
+
+    def _eager_forward(self, scheduled: list, token_ids: list[int], seqs: list[tuple[list[int], int, int]]) -> torch.Tensor:
+        """The forward of any step, its inputs laid out fresh."""
+        layout = build_batch_layout(seqs, self.block_size, self.device)
+        input_ids = host_to_device(token_ids, torch.long, self.device)
+        metadata = self.backend.build_metadata(layout)
+        lora_mapping = None
+        if self.lora_manager is not None:
+            lora_mapping = self.lora_manager.prepare_step(
+                [item.request.lora_request for item in scheduled], layout.query_lens_list
+            )
+        with set_forward_context(self.backend, metadata, lora_mapping):
+            return self.forward(input_ids, layout.positions)
 
     # -- speculative decoding --------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,8 +38,31 @@ class Logprob:
 TokenLogprobs = dict[int, Logprob]
 
 
+def host_to_device(values: Any, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A tensor of host values on ``device``. On CUDA it is copied from pinned memory without
+    waiting: a plain copy from pageable memory would block the host until the device finished
+    its queued work (the step's forward), once per tensor."""
+    if torch.device(device).type != "cuda":
+        return torch.as_tensor(values, dtype=dtype, device=device)
+    return torch.as_tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
+def device_to_host(*tensors: torch.Tensor) -> list[list[float]]:
+    """Several small tensors in one device-to-host copy (one synchronisation): flattened into
+    float64, which holds token ids, ranks and float32 values exactly, then split back into a
+    flat list per tensor."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).tolist()
+    result, start = [], 0
+    for tensor in tensors:
+        result.append(flat[start : start + tensor.numel()])
+        start += tensor.numel()
+    return result
+
+
 def _row_tensor(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype, device=device)
+    return host_to_device(values, dtype, device)
 
 
 def _padded(rows: list[list[int]], pad: int, device: torch.device | str) -> torch.Tensor:
@@ -209,40 +231,66 @@ def request_generator(request: Request, device: torch.device | str) -> torch.Gen
     return generator
 
 
+@dataclass
+class LogprobTensors:
+    """The logprobs of N rows on the device, before their one copy to the host: the chosen
+    token's logprob and rank [N], and the top ``k`` tokens' ids, logprobs and ranks [N, k]."""
+
+    chosen: torch.Tensor
+    chosen_ranks: torch.Tensor
+    top_ids: torch.Tensor
+    top_values: torch.Tensor
+    top_ranks: torch.Tensor
+    num_logprobs: list[int]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.chosen, self.chosen_ranks, self.top_ids, self.top_values, self.top_ranks)
+
+    def entries(self, token_ids: list[int], host: list[list[float]]) -> list[TokenLogprobs]:
+        """Per row: the chosen token plus its top ``num_logprobs[i]``, from ``host`` (the five
+        tensors as ``device_to_host`` returned them)."""
+        chosen, chosen_ranks, top_ids, top_values, top_ranks = host
+        k = self.top_ids.shape[1]
+        result: list[TokenLogprobs] = []
+        for row, (token, wanted) in enumerate(zip(token_ids, self.num_logprobs)):
+            entry = {token: Logprob(chosen[row], int(chosen_ranks[row]))}
+            for j in range(row * k, row * k + min(wanted, k)):
+                entry.setdefault(int(top_ids[j]), Logprob(top_values[j], int(top_ranks[j])))
+            result.append(entry)
+        return result
+
+
+def logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]) -> LogprobTensors:
+    """The device half of ``token_logprobs``. Rank is 1 + the number of tokens with a strictly
+    larger logprob."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    chosen_ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+    k = min(max(num_logprobs, default=0), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(k, dim=1)
+    # Every token larger than a top-k token is in the top k too: its rank needs only the k.
+    top_ranks = (top_values.unsqueeze(1) > top_values.unsqueeze(2)).sum(dim=2) + 1
+    return LogprobTensors(chosen, chosen_ranks, top_ids, top_values, top_ranks, list(num_logprobs))
+
+
 def token_logprobs(
     logprobs: torch.Tensor, token_ids: torch.Tensor, num_logprobs: list[int]
 ) -> list[TokenLogprobs]:
     """Per row of ``logprobs`` [N, V]: the chosen token (logprob and rank) plus the top
-    ``num_logprobs[i]`` tokens. Rank is 1 + the number of tokens with a strictly larger logprob."""
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
-    chosen_ranks = (logprobs > chosen).sum(dim=1) + 1
-    k = min(max(num_logprobs, default=0), logprobs.shape[1])
-    if k:
-        top_values, top_ids = logprobs.topk(k, dim=1)
-        # Every token larger than a top-k token is in the top k too: its rank needs only the k.
-        top_ranks = (top_values.unsqueeze(1) > top_values.unsqueeze(2)).sum(dim=2) + 1
-        top = zip(top_ids.tolist(), top_values.tolist(), top_ranks.tolist())
-    else:
-        top = repeat(([], [], []))
-
-    rows_chosen = zip(token_ids.tolist(), chosen.squeeze(1).tolist(), chosen_ranks.tolist())
-    result: list[TokenLogprobs] = []
-    for (token, value, rank), (ids, values, ranks), wanted in zip(rows_chosen, top, num_logprobs):
-        entry = {token: Logprob(value, rank)}
-        for top_token, top_value, top_rank in zip(ids[:wanted], values[:wanted], ranks[:wanted]):
-            entry.setdefault(top_token, Logprob(top_value, top_rank))
-        result.append(entry)
-    return result
+    ``num_logprobs[i]`` tokens, in one device-to-host copy."""
+    tensors = logprob_tensors(logprobs, token_ids, num_logprobs)
+    ids, *host = device_to_host(token_ids, *tensors.tensors())
+    return tensors.entries([int(t) for t in ids], host)
 
 
 def compute_prompt_logprobs(
-    logits: torch.Tensor, target_token_ids: torch.Tensor, num_logprobs: int
+    logits: torch.Tensor, target_token_ids: torch.Tensor, num_logprobs: int | list[int]
 ) -> list[TokenLogprobs]:
-    """Prompt logprobs: row i of ``logits`` [N, V] predicts ``target_token_ids[i]``. Each dict
-    holds the target token (with its rank) plus the top ``num_logprobs`` tokens."""
+    """Prompt logprobs: row i of ``logits`` [N, V] predicts ``target_token_ids[i]`` (on the
+    logits' device). Each dict holds the target token (with its rank) plus the top
+    ``num_logprobs`` (per row, or one number for all) tokens."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = target_token_ids.to(logprobs.device)
-    return token_logprobs(logprobs, targets, [num_logprobs] * len(logits))
+    wanted = num_logprobs if isinstance(num_logprobs, list) else [num_logprobs] * len(logits)
+    return token_logprobs(logprobs, target_token_ids, wanted)
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:

@@ -69,7 +69,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if plan["activation_reserve_bytes"] is not None:
         lines.append(f"  activation reserve   {_gb(plan['activation_reserve_bytes'])}{per_gpu}  "
-                     f"(64 bytes x max_num_batched_tokens={plan['max_num_batched_tokens']} x vocabulary)")
+                     f"(estimated: one layer over max_num_batched_tokens={plan['max_num_batched_tokens']}, "
+                     f"the logits of max_num_seqs={plan['max_num_seqs']} rows; the engine measures it)")
     lines += [
         f"  KV bytes per token   {plan['kv_bytes_per_token']}{per_gpu}  (kv_cache_dtype {plan['kv_cache_dtype']})",
         f"  KV cache             {_gb(plan['kv_cache_bytes'])}{per_gpu} = {plan['num_kv_blocks']} blocks = "

@@ -23,8 +23,8 @@ from pagedserve.bench.roofline import copy_bandwidth, model_weight_bytes, roofli
 from pagedserve.core.config import EngineConfig, engine_config_from_args
 from pagedserve.core.kv_sizing import (
     DeviceMemory,
-    activation_bytes,
     blocks_in_budget,
+    estimate_activation_bytes,
     kv_bytes_per_block,
     kv_cache_budget,
 )
@@ -232,9 +232,12 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
     layers = _kv_layers(model, tp)
     per_block = kv_bytes_per_block(layers, config.cache.block_size, kv_cache_shape, kv_dtype)
     per_token = kv_bytes_per_block(layers, 1, kv_cache_shape, kv_dtype)
-    vocab_size = int(hf_config.vocab_size)
-    memory = None if memory_bytes is None else DeviceMemory(memory_bytes, CUDA_CONTEXT_BYTES, weights)
-    budget = kv_cache_budget(config, per_block, vocab_size, memory)
+    activations = None
+    memory = None
+    if memory_bytes is not None:
+        activations = _activation_estimate(hf_config, config, torch.empty((), dtype=dtype).element_size(), tp)
+        memory = DeviceMemory(memory_bytes, CUDA_CONTEXT_BYTES, weights, activations, "estimated")
+    budget = kv_cache_budget(config, per_block, memory)
     blocks = blocks_in_budget(budget, per_block)
 
     block_size = config.cache.block_size
@@ -279,8 +282,7 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
         "output_len": request.output_len,
         "weight_bytes": weights,
         "weight_bytes_total": model_weight_bytes(model) if tp == 1 else weights * tp,
-        "activation_reserve_bytes": None if memory is None else activation_bytes(
-            config.scheduler.max_num_batched_tokens, vocab_size),
+        "activation_reserve_bytes": activations,
         "kv_bytes_per_token": per_token,
         "kv_cache_bytes": max(blocks, 0) * per_block,
         "num_kv_blocks": blocks,
@@ -306,6 +308,20 @@ def make_plan(request: PlanRequest, advise: bool = True) -> dict[str, Any]:
         plan["cost_per_million_output_tokens"] = _costs(request, gpu, tp, min(
             rates["memory_roofline_full_concurrency"], compute_ceiling or float("inf")))
     return plan
+
+
+def _activation_estimate(hf_config: PretrainedConfig, config: EngineConfig, dtype_bytes: int, tp: int) -> int:
+    """``kv_sizing.estimate_activation_bytes`` for this model: the engine measures this peak in
+    its profile step at start-up; a plan cannot, so it estimates it. A mixture-of-experts layer
+    carries each token through ``num_experts_per_tok`` experts; tensor parallelism splits the
+    MLP's width."""
+    hidden = int(hf_config.hidden_size)
+    intermediate = int(getattr(hf_config, "intermediate_size", None) or 4 * hidden)
+    intermediate *= int(getattr(hf_config, "num_experts_per_tok", None) or 1)
+    return estimate_activation_bytes(
+        hidden, -(-intermediate // tp), int(hf_config.vocab_size),
+        int(config.scheduler.max_num_batched_tokens), config.scheduler.max_num_seqs, dtype_bytes,
+    )
 
 
 def _why_not(plan: dict[str, Any], budget: int) -> str:

@@ -26,6 +26,10 @@ class AttentionBackend(ABC):
     """
 
     name: str = ""
+    #: Whether a decode step's forward can be captured as a CUDA graph: ``build_metadata`` does
+    #: all host work, and ``forward`` reads only tensors of the layout (plus its sizes and
+    #: ``max_seq_len``, fixed per captured batch size), so a replay sees the next step's inputs.
+    supports_cuda_graphs: bool = False
 
     @classmethod
     def supports(cls, config: EngineConfig) -> str | None:

@@ -17,8 +17,10 @@ from pagedserve.core.sampling import (
     SamplerOutput,
     SamplingBatch,
     TokenLogprobs,
+    device_to_host,
+    host_to_device,
+    logprob_tensors,
     request_generator,
-    token_logprobs,
 )
 
 
@@ -68,8 +70,7 @@ class DefaultSampler(Sampler):
         if not batch.all_greedy:
             sampled = self._sample(logits, batch)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
-        tokens = token_ids.tolist()
-        return SamplerOutput(tokens, self._logprobs(raw_logprobs, token_ids, batch))
+        return self._to_host(raw_logprobs, token_ids, batch)
 
     def distributions(
         self, logits: torch.Tensor, batch: SamplingBatch
@@ -97,17 +98,20 @@ class DefaultSampler(Sampler):
         return (probs / noise).argmax(dim=-1)
 
     @staticmethod
-    def _logprobs(
+    def _to_host(
         raw_logprobs: torch.Tensor | None, token_ids: torch.Tensor, batch: SamplingBatch
-    ) -> list[TokenLogprobs | None]:
+    ) -> SamplerOutput:
+        """The sampled tokens, and the logprobs of the rows that asked, in one device-to-host
+        copy: the step's only synchronisation with the device."""
         result: list[TokenLogprobs | None] = [None] * len(batch)
         if raw_logprobs is None:
-            return result
+            (tokens,) = device_to_host(token_ids)
+            return SamplerOutput([int(t) for t in tokens], result)
         rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
-        index = torch.tensor(rows, device=raw_logprobs.device)
-        entries = token_logprobs(
-            raw_logprobs[index], token_ids[index], [batch.params[i].logprobs for i in rows]
-        )
-        for row, entry in zip(rows, entries):
+        index = host_to_device(rows, torch.int64, raw_logprobs.device)
+        tensors = logprob_tensors(raw_logprobs[index], token_ids[index], [batch.params[i].logprobs for i in rows])
+        tokens, *host = device_to_host(token_ids, *tensors.tensors())
+        token_list = [int(t) for t in tokens]
+        for row, entry in zip(rows, tensors.entries([token_list[i] for i in rows], host)):
             result[row] = entry
-        return result
+        return SamplerOutput(token_list, result)

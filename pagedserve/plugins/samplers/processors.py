@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from pagedserve.core.sampling import LogitsProcessor, SamplingBatch
+from pagedserve.core.sampling import LogitsProcessor, SamplingBatch, host_to_device
 
 
 def _cells(rows: list[int], tokens: list[int], device: torch.device) -> tuple[torch.Tensor, ...]:
     """(row, token) pairs as an index for ``index_put_``."""
-    return torch.tensor(rows, device=device), torch.tensor(tokens, device=device)
+    return host_to_device(rows, torch.int64, device), host_to_device(tokens, torch.int64, device)
 
 
 class LogitBiasProcessor(LogitsProcessor):
@@ -31,7 +31,7 @@ class LogitBiasProcessor(LogitsProcessor):
                 tokens.append(token)
                 biases.append(bias)
         if rows:
-            values = torch.tensor(biases, dtype=logits.dtype, device=logits.device)
+            values = host_to_device(biases, logits.dtype, logits.device)
             logits.index_put_(_cells(rows, tokens, logits.device), values, accumulate=True)
         return logits
 
@@ -52,8 +52,7 @@ class MinTokensProcessor(LogitsProcessor):
             rows.extend([row] * len(stop_ids))
             tokens.extend(stop_ids)
         if rows:
-            minus_inf = torch.tensor(float("-inf"), device=logits.device)
-            logits.index_put_(_cells(rows, tokens, logits.device), minus_inf)
+            logits[_cells(rows, tokens, logits.device)] = float("-inf")
         return logits
 
 
@@ -71,19 +70,18 @@ class PenaltiesProcessor(LogitsProcessor):
         if not rows:
             return logits
         device = logits.device
-        index = torch.tensor(rows, device=device)
+        index = host_to_device(rows, torch.int64, device)
         params = [batch.params[i] for i in rows]
-        repetition = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
-        presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+        penalties = [(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params]
+        repetition, frequency, presence = host_to_device(penalties, torch.float32, device).T.unsqueeze(2)
 
         # One extra column absorbs the padding, then is dropped.
         width = self.vocab_size + 1
-        output_ids = batch.output_token_ids(rows, pad=self.vocab_size).to(device)
+        output_ids = batch.output_token_ids(rows, pad=self.vocab_size)
         counts = torch.zeros(len(rows), width, dtype=logits.dtype, device=device)
         counts.scatter_add_(1, output_ids, torch.ones_like(output_ids, dtype=logits.dtype))
         counts = counts[:, : self.vocab_size]
-        prompt_ids = batch.prompt_token_ids(rows, pad=self.vocab_size).to(device)
+        prompt_ids = batch.prompt_token_ids(rows, pad=self.vocab_size)
         seen = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
         seen.scatter_(1, prompt_ids, True)
         seen = seen[:, : self.vocab_size] | (counts > 0)
@@ -104,9 +102,10 @@ class AllowedTokenIdsProcessor(LogitsProcessor):
         if not rows:
             return logits
         keep = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
-        for position, row in enumerate(rows):
-            keep[position, batch.params[row].allowed_token_ids] = True
-        index = torch.tensor(rows, device=logits.device)
+        positions = [position for position, row in enumerate(rows) for _ in batch.params[row].allowed_token_ids]
+        allowed = [token for row in rows for token in batch.params[row].allowed_token_ids]
+        keep[_cells(positions, allowed, logits.device)] = True
+        index = host_to_device(rows, torch.int64, logits.device)
         logits[index] = logits[index].masked_fill(~keep, float("-inf"))
         return logits
 
@@ -128,8 +127,7 @@ class BadWordsProcessor(LogitsProcessor):
                     rows.append(row)
                     tokens.append(word[-1])
         if rows:
-            minus_inf = torch.tensor(float("-inf"), device=logits.device)
-            logits.index_put_(_cells(rows, tokens, logits.device), minus_inf)
+            logits[_cells(rows, tokens, logits.device)] = float("-inf")
         return logits
 
 

@@ -102,6 +102,7 @@ class TritonBackend(AttentionBackend):
     """Paged attention with Triton kernels (the default on CUDA)."""
 
     name = "triton"
+    supports_cuda_graphs = True
 
     @classmethod
     def supports(cls, config: EngineConfig | None) -> str | None:

@@ -1,0 +1,116 @@
+"""Padded decode steps from persistent buffers (the CUDA-graph path, run on the CPU without
+capture): transformers' greedy tokens exactly, padding rows kept out of real requests' blocks,
+and the settings that turn capture on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve import LLM
+from pagedserve.core.config import ConfigError, engine_config_from_args
+from pagedserve.core.cuda_graphs import DecodeBuffers, capture_sizes, cuda_graph_reason
+from test_engine_vs_hf import CONFIGS, MAX_TOKENS, PROMPTS, greedy, hf_greedy
+
+
+def _count_padded_steps(llm: LLM) -> list[int]:
+    """Record the padded size of every step the padded path runs."""
+    padded = llm.engine.runner.padded_decode
+    sizes: list[int] = []
+    run = padded.run
+
+    def counting(token_ids, positions, block_ids, size):
+        sizes.append(size)
+        return run(token_ids, positions, block_ids, size)
+
+    padded.run = counting
+    return sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_padded_decode_gives_transformers_tokens(tiny_model, name: str) -> None:
+    """Five requests decode padded to 8 (three padding rows), then fewer as they finish; with a
+    budget of 8 tokens a step the prefill chunks run eagerly between padded decode steps."""
+    architecture, overrides = CONFIGS[name]
+    model_dir = tiny_model(architecture, **overrides)
+    expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
+    llm = LLM(str(model_dir), dtype="float32", cuda_graph_sizes=[2, 8], max_num_seqs=8)
+    sizes = _count_padded_steps(llm)
+    assert greedy(llm, PROMPTS) == expected
+    assert 8 in sizes and len(sizes) >= MAX_TOKENS - 1
+    chunked = LLM(str(model_dir), dtype="float32", cuda_graph_sizes=[1, 2, 4], max_num_seqs=4,
+                  max_num_batched_tokens=8, block_size=4)
+    sizes = _count_padded_steps(chunked)
+    assert greedy(chunked, PROMPTS) == expected
+    assert set(sizes) <= {1, 2, 4} and len(sizes) >= MAX_TOKENS - 1
+
+
+@pytest.mark.slow
+def test_padded_decode_under_preemption_and_prefix_caching(tiny_model) -> None:
+    """Few blocks: requests are preempted and recomputed between padded steps; the padding
+    block is never one the scheduler hands out, so the shared prefix blocks stay intact."""
+    model_dir = tiny_model()
+    shared = PROMPTS[1] * 2
+    prompts = [shared + " a", shared + " b", *PROMPTS]
+    expected = hf_greedy(model_dir, prompts, MAX_TOKENS)
+    llm = LLM(str(model_dir), dtype="float32", cuda_graph_sizes=[4], max_num_seqs=4, block_size=4,
+              num_kv_blocks=48)
+    sizes = _count_padded_steps(llm)
+    assert greedy(llm, prompts) == expected
+    assert sizes and llm.engine.scheduler.num_preemptions_total > 0
+    runner = llm.engine.runner
+    assert runner.kv_caches[0].shape[1] == runner.num_kv_blocks + 1
+    assert llm.engine.kv_cache.num_used_blocks == 0
+
+
+def test_decode_buffers_pad_into_their_own_block() -> None:
+    buffers = DecodeBuffers(max_size=4, max_blocks_per_seq=3, block_size=4, pad_block=9, device=torch.device("cpu"))
+    # Request 0 decodes position 5 (its second block, 7), request 1 position 0 of block 3 (its
+    # lookahead block 8 is not needed yet).
+    seq_lens = buffers.write([11, 12], [5, 0], [[2, 7], [3, 8]], size=4)
+    assert seq_lens == [6, 1, 1, 1]
+    assert buffers.input_ids.tolist() == [11, 12, 0, 0]
+    assert buffers.slot_mapping.tolist() == [7 * 4 + 1, 3 * 4, 9 * 4, 9 * 4]
+    assert buffers.block_tables.tolist() == [[2, 7, 0], [3, 0, 0], [9, 0, 0], [9, 0, 0]]
+    layout = buffers.layout(4, seq_lens, max_seq_len=12)
+    assert layout.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert layout.num_computed_tokens.tolist() == [5, 0, 0, 0]
+    assert layout.max_seq_len == 12 and layout.max_query_len == 1
+
+
+def _config(**kwargs: object):
+    config = engine_config_from_args("m", **kwargs)
+    config.finalize(256)
+    return config
+
+
+def test_capture_sizes_follow_vllm() -> None:
+    assert capture_sizes(_config(max_num_seqs=256)) == [1, 2, 4, *range(8, 257, 8)]
+    assert capture_sizes(_config(max_num_seqs=20)) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(_config(max_num_seqs=64, cuda_graph_sizes=[12])) == [1, 2, 4, 8, 12]
+    assert capture_sizes(_config(max_num_seqs=64, cuda_graph_sizes=[32, 3, 100])) == [3, 32]
+
+
+def test_cuda_graph_settings_are_validated_and_explained() -> None:
+    with pytest.raises(ConfigError, match="cuda_graph_sizes"):
+        _config(cuda_graph_sizes=[])
+    with pytest.raises(ConfigError, match="cuda_graph_sizes"):
+        _config(cuda_graph_sizes=[4, 0])
+    with pytest.raises(ConfigError, match="enforce_eager"):
+        _config(enforce_eager="yes")
+
+    class Capturable:
+        name = "k"
+        supports_cuda_graphs = True
+
+    class HostPlanned:
+        name = "torch_ref"
+        supports_cuda_graphs = False
+
+    cuda = torch.device("cuda")
+    assert cuda_graph_reason(_config(), cuda, Capturable()) is None
+    assert "enforce_eager" in cuda_graph_reason(_config(enforce_eager=True), cuda, Capturable())
+    assert "torch_ref" in cuda_graph_reason(_config(), cuda, HostPlanned())
+    assert "enable_lora" in cuda_graph_reason(_config(enable_lora=True), cuda, Capturable())
+    assert "cpu" in cuda_graph_reason(_config(), torch.device("cpu"), Capturable())
