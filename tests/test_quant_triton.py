@@ -28,6 +28,7 @@ def test_kernels_under_the_interpreter() -> None:
     run_check("cpu", interpret=True)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_kernels_on_the_gpu() -> None:
     run_check("cuda", interpret=False)

@@ -153,6 +153,7 @@ def generate(worker: KernelWorker, model_dir: Path, **engine_args: Any) -> dict[
 
 
 @pytest.mark.slow
+@pytest.mark.cuda
 @pytest.mark.parametrize(
     ("architecture", "overrides"),
     [("LlamaForCausalLM", {}), ("MistralForCausalLM", {"sliding_window": 8})],
@@ -172,6 +173,7 @@ def test_greedy_tokens_match_torch_ref(worker: KernelWorker, tiny_model, archite
 
 
 @pytest.mark.slow
+@pytest.mark.cuda
 def test_fp8_cache_end_to_end(worker: KernelWorker, tiny_model) -> None:
     """The runner allocates an fp8 cache with its scales and the backend serves it. Tokens are not
     compared: a random tiny model's near-tied logits flip under fp8 rounding (the kernels'

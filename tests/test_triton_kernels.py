@@ -20,6 +20,8 @@ import torch
 from triton_worker import KernelWorker
 
 HERE = __name__
+# Natively on a GPU when there is one (the workers pick CUDA), else under the interpreter.
+pytestmark = pytest.mark.cuda
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Max |out - ref| / max |ref| against torch_ref in float32 over the same (rounded) inputs.
 TOLERANCE = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}

@@ -7,6 +7,7 @@ PyTorch runs on natively (CPU, CUDA).
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
@@ -33,6 +34,8 @@ from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
     from pagedserve.core.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
