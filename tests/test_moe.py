@@ -133,3 +133,11 @@ def test_triton_fused_moe_matches_the_torch_path(
     print(f"{case} {dtype}: rel_err={result['rel_err']:.2e}")
     assert result["every_pair_once"] and result["blocks_one_expert"]
     assert result["rel_err"] < TOLERANCE[dtype]
+
+
+def test_grouped_torch_path_traces_into_one_graph_in_float32() -> None:
+    """No host sync or Python loop over experts (fullgraph), and float32 through the grouped
+    matmul's tracing (its meta function takes bfloat16 only)."""
+    x, w13, w2, weights, ids = make_inputs(9, 4, 2, 16, 24, seed=3)
+    traced = torch.compile(grouped_experts, backend="eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(traced(x, w13, w2, weights, ids, F.silu), grouped_experts(x, w13, w2, weights, ids, F.silu))
