@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedserve.core.layers.linear import default_weight_loader
+from pagedserve.core.layers.quantization import LinearMethod, QuantizationConfig
 
 
 class VocabEmbedding(nn.Module):
@@ -35,6 +36,8 @@ class LMHead(nn.Module):
     With ``tied_to`` the head reuses that embedding's parameter (``tie_word_embeddings``), so it
     owns no weight of its own and the checkpoint's ``lm_head.weight``, if any, is not needed.
     With ``soft_cap`` c the logits are ``c * tanh(logits / c)`` (Gemma 2's final soft-capping).
+    A weight format that quantizes the head too (``QuantizationConfig.get_lm_head_method``) gets
+    it as ``quant_method``; the dense ``weight`` stays, since a tied embedding reads it.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class LMHead(nn.Module):
         hidden_size: int,
         tied_to: VocabEmbedding | None = None,
         soft_cap: float | None = None,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -52,9 +56,15 @@ class LMHead(nn.Module):
             self.weight = tied_to.weight
         else:
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.quant_method: LinearMethod | None = (
+            quant_config.get_lm_head_method(self) if quant_config is not None else None
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight).float()
+        if self.quant_method is not None:
+            logits = self.quant_method.apply(self, hidden_states, None).float()
+        else:
+            logits = F.linear(hidden_states, self.weight).float()
         if self.soft_cap is not None:
             logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
         return logits

@@ -101,6 +101,12 @@ class QuantizationConfig(ABC):
         """The method for the linear layer named ``prefix`` (e.g. ``model.layers.0.mlp.down_proj``);
         a format may return ``UnquantizedLinearMethod()`` for layers it leaves dense."""
 
+    def get_lm_head_method(self, layer: nn.Module) -> LinearMethod | None:
+        """The method for the LM head, or None (the default) to leave it dense. The head keeps its
+        dense ``weight`` (a tied embedding shares it): the method's
+        ``process_weights_after_loading`` adds what its ``apply`` reads beside it."""
+        return None
+
 
 def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     """The checkpoint's ``quantization_config`` as a dict, or None for an unquantized one."""

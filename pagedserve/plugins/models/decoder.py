@@ -317,6 +317,7 @@ class DecoderForCausalLM(nn.Module):
             hf_config.hidden_size,
             tied_to=tied,
             soft_cap=self.options.final_logit_softcap,
+            quant_config=quant_config,
         )
 
     @classmethod

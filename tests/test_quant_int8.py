@@ -1,0 +1,83 @@
+"""``quantization="int8"``: int8 weight-only quantization at load time (plugins/quant/int8.py).
+
+The matmul against the dequantized weights it stands for, and its quality check: held-out
+perplexity of the bundled model within 1% of float32, both computed here through the engine
+(prompt logprobs), the LM head and the tied embedding included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.assets import DEFAULT_MODEL
+from pagedserve.assets.corpus import eval_windows, split_files, token_stream
+from pagedserve.plugins.quant.int8 import Int8Config, int8_matmul, quantize_int8
+
+#: Held-out windows scored (of 128 tokens: about 4k predicted tokens per model).
+NUM_WINDOWS = 32
+CONTEXT = 128
+
+
+def test_quantize_int8_rounds_each_output_channel_to_its_own_scale() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64) * torch.logspace(-3, 1, 48)[:, None]  # rows of very different sizes
+    weight[5] = 0.0
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (48,)
+    assert q.abs().amax(dim=1)[torch.arange(48) != 5].eq(127).all()  # each row uses its full range
+    error = (q.float() * scale[:, None] - weight).abs()
+    assert (error <= scale[:, None] / 2 + 1e-12).all()
+    assert q[5].eq(0).all() and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_int8_matmul_matches_the_dequantized_weight(rows: int) -> None:
+    torch.manual_seed(rows)
+    weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(2, rows, 64)
+    q, scale = quantize_int8(weight)
+    expected = x @ (q.float() * scale[:, None]).T + bias
+    out = int8_matmul(x, q, scale.to(torch.bfloat16 if rows == 5 else torch.float32), bias)
+    assert out.dtype == x.dtype and out.shape == (2, rows, 96)
+    # bfloat16 activations (where the CPU has them) round to 8 bits of mantissa.
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=5e-2)
+
+
+def test_int8_refuses_a_checkpoint_that_is_already_quantized() -> None:
+    with pytest.raises(ValueError, match="already quantized"):
+        Int8Config.from_config({"quant_method": "gptq", "bits": 4})
+
+
+def held_out_perplexity(llm: LLM, windows: list[list[int]]) -> float:
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+    outputs = llm.generate([{"prompt_token_ids": w} for w in windows], params, use_tqdm=False)
+    nll, count = 0.0, 0
+    for window, output in zip(windows, outputs):
+        for position in range(1, len(window)):
+            nll -= output.prompt_logprobs[position][window[position]].logprob
+            count += 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.slow
+def test_int8_held_out_perplexity_is_within_one_percent_of_float32() -> None:
+    dense = LLM(DEFAULT_MODEL, dtype="float32", max_model_len=CONTEXT + 8)
+    tokenizer = dense.get_tokenizer()
+    stream = token_stream(
+        lambda text: tokenizer.encode(text, add_special_tokens=False),
+        split_files()[1],
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    windows = [w for w in eval_windows(stream, CONTEXT) if len(w) == CONTEXT][:NUM_WINDOWS]
+    reference = held_out_perplexity(dense, windows)
+    del dense
+    quantized = LLM(DEFAULT_MODEL, dtype="float32", quantization="int8", max_model_len=CONTEXT + 8)
+    head = quantized.engine.runner.model.lm_head
+    assert head.qweight.dtype == torch.int8 and head.weight.dtype == torch.float32  # the tied embedding stays
+    perplexity = held_out_perplexity(quantized, windows)
+    assert reference < 1000  # a trained model, not noise
+    assert abs(perplexity / reference - 1) < 0.01, (perplexity, reference)
