@@ -174,16 +174,30 @@ def test_hub_id_while_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.parametrize(
     ("setting", "config", "device", "expected"),
     [
-        ("auto", SimpleNamespace(dtype="bfloat16"), "cpu", torch.bfloat16),
         ("auto", SimpleNamespace(torch_dtype=torch.float16), "cuda", torch.float16),
-        ("auto", SimpleNamespace(dtype="float16"), "cpu", torch.float32),
+        ("auto", SimpleNamespace(dtype="bfloat16"), "cuda", torch.bfloat16),
+        ("auto", SimpleNamespace(dtype="float32"), "cpu", torch.float32),
         ("auto", SimpleNamespace(), "cpu", torch.float32),
+        ("float16", SimpleNamespace(dtype="float16"), "cpu", torch.float32),
         ("float16", SimpleNamespace(dtype="float32"), "cuda:0", torch.float16),
         ("bfloat16", SimpleNamespace(dtype="float32"), "cpu", torch.bfloat16),
     ],
 )
 def test_resolve_dtype(setting: str, config: object, device: str, expected: torch.dtype) -> None:
     assert resolve_dtype(setting, config, device) == expected
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("checkpoint", ["float16", "bfloat16"])
+def test_auto_dtype_of_a_half_checkpoint_on_the_cpu_follows_amx(
+    monkeypatch: pytest.MonkeyPatch, amx: bool, checkpoint: str
+) -> None:
+    """bfloat16 where the CPU has AMX bf16 tiles (torch's capability report), float32 elsewhere."""
+    capabilities = {**torch.cpu.get_capabilities(), "amx_bf16": amx}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    expected = torch.bfloat16 if amx else torch.float32
+    assert resolve_dtype("auto", SimpleNamespace(dtype=checkpoint), "cpu") == expected
+    assert resolve_dtype("auto", SimpleNamespace(dtype="float32"), "cpu") == torch.float32
 
 
 @pytest.mark.parametrize(

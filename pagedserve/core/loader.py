@@ -111,18 +111,27 @@ def get_model_max_len(hf_config: Any) -> int:
 
 def resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
     """The parameter dtype: ``auto`` is the checkpoint's (``dtype`` / ``torch_dtype``), float32
-    when it names none. On the CPU float16 becomes float32: CPU half matmuls are emulated and
-    much slower than fp32 (bfloat16, which CPUs do support, is kept)."""
+    when it names none. On the CPU a half-precision checkpoint runs in bfloat16 where the CPU
+    multiplies it in hardware (AMX, ``cpu_has_amx_bf16``), else in float32 (CPU float16 matmuls are
+    emulated, and bfloat16 ones without AMX no faster than float32); a float32 checkpoint stays
+    float32. An explicit ``float16`` on the CPU becomes float32 too."""
     if dtype == "auto":
         named = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(named, str):
             named = getattr(torch, named, None)
         resolved = named if isinstance(named, torch.dtype) else torch.float32
+        if torch.device(device).type == "cpu" and resolved in (torch.float16, torch.bfloat16):
+            return torch.bfloat16 if cpu_has_amx_bf16() else torch.float32
     else:
         resolved = getattr(torch, dtype)
     if resolved == torch.float16 and torch.device(device).type == "cpu":
         return torch.float32
     return resolved
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (torch's own CPU feature detection)."""
+    return bool(torch.cpu.get_capabilities().get("amx_bf16", False))
 
 
 def safetensors_files(path: str) -> list[Path]:
