@@ -1,0 +1,263 @@
+"""The peer benchmark's measurements (issue 22), run by ``benchmarks/peers.sh``: pagedserve
+against llama.cpp (``llama-server``, continuous batching), CTranslate2 and transformers on one
+CPU, the same token-id workload for every system, interleaved round by round, medians kept.
+
+Scenarios, per model:
+- ``offline-64``: 64 requests (prompts 32-256 tokens, outputs 16-256, greedy, exact lengths):
+  pagedserve's ``LLM.generate``; llama.cpp as ``llama-server`` under 64 concurrent requests (its
+  only continuous batching); CTranslate2's ``generate_batch`` (one static batch: it runs to the
+  longest output, only the requested tokens count); transformers ``generate`` one request at a
+  time on the first ``--sequential-prompts`` requests (a rate).
+- ``serve-64``: ``pagedserve serve`` and ``llama-server``, the same 64 requests all at once
+  through their OpenAI ``/v1/completions`` routes (token-id prompts, ``ignore_eos``).
+- ``batch-1``: one request, a 32-token prompt and 256 output tokens, every system.
+
+Every system but transformers' runs at the same precision: ``--precision fp32`` (float32
+weights everywhere) or ``int8`` (pagedserve ``--quantization int8``, llama.cpp Q8_0,
+CTranslate2 ``int8_float32``); transformers stays float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pagedserve.bench.workload import make_workload
+
+HERE = Path(__file__).resolve().parent
+TOKEN_IDS = 4096  # below both models' tokenizer vocabularies (the bundled tokenizer's size)
+TARGETS = {  # (scenario, model or None for both): (peer, the least ratio pagedserve / peer)
+    ("batch-1", "smollm-135m-shape"): ("llama.cpp", 0.7),
+    ("batch-1", "tiny-py"): ("llama.cpp", 0.5),
+    ("offline-64", None): ("llama.cpp", 1.2),
+    ("serve-64", None): ("llama.cpp", 1.0),
+}
+
+
+class Worker:
+    """A system in its own virtualenv's process (``workers.py``)."""
+
+    def __init__(self, python: str, system: str, model: str, threads: int, extra: dict[str, Any]) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(
+            [python, str(HERE / "workers.py"), system, model, str(threads), json.dumps(extra)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args[1:3]} exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "output_lens": output_lens}) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(timeout=60)
+
+
+class Server:
+    """An OpenAI-compatible server process, and the same concurrent client for every server."""
+
+    def __init__(self, command: list[str], port: int, threads: int, name: str) -> None:
+        self.name, self.port = name, port
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {' '.join(command)}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
+                    self.model = models["data"][0]["id"]
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"{name} did not start")
+
+    def run(self, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
+        async def one(client: httpx.AsyncClient, prompt: list[int], n: int) -> int:
+            body = {"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True}
+            response = await client.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body)
+            response.raise_for_status()
+            return int(response.json()["usage"]["completion_tokens"])
+
+        async def all_at_once() -> int:
+            limits = httpx.Limits(max_connections=len(prompts))
+            async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+                return sum(await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, output_lens))))
+
+        start = time.perf_counter()
+        tokens = asyncio.run(all_at_once())
+        return {"seconds": time.perf_counter() - start, "output_tokens": tokens}
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def start_systems(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    folder = Path(args.models_dir) / model
+    int8 = args.precision == "int8"
+    systems: dict[str, Any] = {}
+    pagedserve_extra = {"dtype": "float32", **({"quantization": "int8"} if int8 else {})}
+    if "pagedserve" in args.systems:
+        systems["pagedserve"] = Worker(sys.executable, "pagedserve", str(folder), args.threads, pagedserve_extra)
+    if "pagedserve-serve" in args.systems:
+        command = [str(Path(sys.executable).parent / "pagedserve"), "--log-level", "WARNING", "serve", str(folder),
+                   "--port", str(args.port), "--dtype", "float32", "--max-num-seqs", "64", "--max-model-len", "512"]
+        systems["pagedserve-serve"] = Server(command + (["--quantization", "int8"] if int8 else []),
+                                             args.port, args.threads, "pagedserve serve")
+    if "llama.cpp" in args.systems:
+        gguf = Path(args.gguf_dir) / f"{model}-{'q8_0' if int8 else 'f32'}.gguf"
+        command = [args.llama_server, "-m", str(gguf), "--port", str(args.port + 1), "-t", str(args.threads),
+                   "-tb", str(args.threads), "-np", "64", "-c", str(64 * 512), "-cb", "--no-webui"]
+        systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server")
+    if "ctranslate2" in args.systems:
+        ct2 = Path(args.ct2_dir) / f"{model}"
+        systems["ctranslate2"] = Worker(args.ct2_python, "ctranslate2", str(ct2), args.threads,
+                                        {"compute_type": "int8_float32" if int8 else "float32"})
+    if "transformers" in args.systems:
+        systems["transformers"] = Worker(args.hf_python, "transformers", str(folder), args.threads, {})
+    return systems
+
+
+def scenarios(args: argparse.Namespace) -> dict[str, tuple[list[list[int]], list[int]]]:
+    workload = make_workload("uniform:32-256,16-256", args.num_prompts, TOKEN_IDS, 512, seed=args.seed)
+    one = make_workload("fixed:32,256", 1, TOKEN_IDS, 512, seed=args.seed + 1)
+    return {
+        "offline-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
+        "serve-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
+        "batch-1": ([one[0].prompt_token_ids], [one[0].output_len]),
+    }
+
+
+#: Which system answers which scenario (llama.cpp's offline figure is its server's: it has no
+#: offline continuous batching).
+PLAN = {
+    "offline-64": ["pagedserve", "llama.cpp", "ctranslate2", "transformers"],
+    "serve-64": ["pagedserve-serve", "llama.cpp"],
+    "batch-1": ["pagedserve", "llama.cpp", "ctranslate2", "transformers"],
+}
+
+
+def measure(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    systems = start_systems(args, model)
+    work = scenarios(args)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in PLAN}
+    try:
+        for name, (prompts, lens) in work.items():  # one unmeasured pass: oneDNN/ggml set-up
+            for system in PLAN[name]:
+                if system in systems and not (name == "serve-64" and system == "llama.cpp"):
+                    n = args.sequential_prompts if system == "transformers" else len(prompts)
+                    systems[system].run(prompts[: min(n, 4)], [min(x, 16) for x in lens[: min(n, 4)]])
+        for round_index in range(args.rounds):
+            for name, (prompts, lens) in work.items():
+                for system in PLAN[name]:
+                    if system not in systems:
+                        continue
+                    if name == "serve-64" and system == "llama.cpp" and "offline-64" in runs:
+                        continue  # the same measurement as offline-64
+                    n = args.sequential_prompts if system == "transformers" and name == "offline-64" else len(prompts)
+                    result = systems[system].run(prompts[:n], lens[:n])
+                    result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
+                    result["load_average"] = os.getloadavg()[0]
+                    runs[name].setdefault(system, []).append(result)
+                    print(f"{model} round {round_index} {name} {system}: {result['tokens_per_s']:.1f} tok/s "
+                          f"(load {result['load_average']:.1f})", flush=True)
+    finally:
+        for system in systems.values():
+            system.close()
+    if "llama.cpp" in runs["offline-64"]:
+        runs["serve-64"]["llama.cpp"] = runs["offline-64"]["llama.cpp"]
+    medians = {name: {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in by.items()}
+               for name, by in runs.items()}
+    return {"runs": runs, "median_tokens_per_s": medians, "targets": targets(model, medians)}
+
+
+def targets(model: str, medians: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    rows = []
+    for (name, target_model), (peer, least) in TARGETS.items():
+        if target_model not in (None, model):
+            continue
+        ours = medians[name].get("pagedserve-serve" if name == "serve-64" else "pagedserve")
+        theirs = medians[name].get(peer)
+        ratio = ours / theirs if ours and theirs else None
+        rows.append({"scenario": name, "peer": peer, "ratio": ratio, "target": least,
+                     "met": ratio is not None and ratio >= least})
+    ours, hf = medians["offline-64"].get("pagedserve"), medians["offline-64"].get("transformers")
+    if ours and hf:
+        rows.append({"scenario": "offline-64", "peer": "transformers", "ratio": ours / hf, "target": 15.0,
+                     "met": ours / hf >= 15.0})
+    return rows
+
+
+def table(results: dict[str, Any]) -> str:
+    systems = ["pagedserve", "pagedserve-serve", "llama.cpp", "ctranslate2", "transformers"]
+    lines = ["| output tok/s (medians) | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+    for model, result in results["models"].items():
+        for name, by in result["median_tokens_per_s"].items():
+            cells = [f"{by[s]:,.1f}" if s in by else "" for s in systems]
+            lines.append(f"| {model}, {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| target | ratio | met |", "|---|---|---|"]
+    for model, result in results["models"].items():
+        for row in result["targets"]:
+            ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+            lines.append(f"| {model} {row['scenario']}: pagedserve / {row['peer']} >= {row['target']}x | {ratio} | "
+                         f"{'yes' if row['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", required=True)
+    parser.add_argument("--models", default="tiny-py,smollm-135m-shape")
+    parser.add_argument("--systems", default="pagedserve,pagedserve-serve,llama.cpp,ctranslate2,transformers")
+    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    parser.add_argument("--gguf-dir")
+    parser.add_argument("--llama-server")
+    parser.add_argument("--ct2-dir")
+    parser.add_argument("--ct2-python")
+    parser.add_argument("--hf-python")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--sequential-prompts", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8190)
+    parser.add_argument("--output-json", required=True)
+    args = parser.parse_args()
+    args.systems = args.systems.split(",")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "threads": args.threads, "precision": args.precision, "num_prompts": args.num_prompts,
+        "rounds": args.rounds, "models": {},
+    }
+    for model in args.models.split(","):
+        results["models"][model] = measure(args, model)
+    Path(args.output_json).write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
