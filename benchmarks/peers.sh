@@ -8,7 +8,7 @@
 #
 #   benchmarks/peers.sh [fp32|int8 ...]        (default: fp32 int8)
 # Environment: PEERS_DIR (default .peers: sources, builds, venvs, converted models), THREADS (2),
-# ROUNDS (3), NUM_PROMPTS (64), MODELS (tiny-py,smollm-135m-shape), SYSTEMS (all),
+# ROUNDS (3), NUM_PROMPTS (64), BATCH1_TOKENS (256), SEQUENTIAL_PROMPTS (8), MODELS (tiny-py,smollm-135m-shape), SYSTEMS (all),
 # LLAMA_CPP_PYTHON_VERSION (0.3.36), JOBS (build jobs, 2).
 set -euo pipefail
 peers=${PEERS_DIR:-.peers}
@@ -67,5 +67,6 @@ for precision in "${precisions[@]}"; do
         --gguf-dir "$peers/gguf" --llama-server "$server" --ct2-dir "$peers/ct2" \
         --ct2-python "$peers/venv-ct2/bin/python" --hf-python "$peers/venv-hf/bin/python" \
         --threads "$threads" --rounds "${ROUNDS:-3}" --num-prompts "${NUM_PROMPTS:-64}" \
+        --batch1-tokens "${BATCH1_TOKENS:-256}" --sequential-prompts "${SEQUENTIAL_PROMPTS:-8}" \
         ${SYSTEMS:+--systems "$SYSTEMS"} --output-json "benchmarks/results/peers-cpu-$precision.json"
 done

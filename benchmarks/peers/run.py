@@ -10,7 +10,8 @@ Scenarios, per model:
   time on the first ``--sequential-prompts`` requests (a rate).
 - ``serve-64``: ``pagedserve serve`` and ``llama-server``, the same 64 requests all at once
   through their OpenAI ``/v1/completions`` routes (token-id prompts, ``ignore_eos``).
-- ``batch-1``: one request, a 32-token prompt and 256 output tokens, every system.
+- ``batch-1``: one request, a 32-token prompt and 256 output tokens (``--batch1-tokens``), every
+  system.
 
 Every system but transformers' runs at the same precision: ``--precision fp32`` (float32
 weights everywhere) or ``int8`` (pagedserve ``--quantization int8``, llama.cpp Q8_0,
@@ -142,7 +143,7 @@ def start_systems(args: argparse.Namespace, model: str) -> dict[str, Any]:
 
 def scenarios(args: argparse.Namespace) -> dict[str, tuple[list[list[int]], list[int]]]:
     workload = make_workload("uniform:32-256,16-256", args.num_prompts, TOKEN_IDS, 512, seed=args.seed)
-    one = make_workload("fixed:32,256", 1, TOKEN_IDS, 512, seed=args.seed + 1)
+    one = make_workload(f"fixed:32,{args.batch1_tokens}", 1, TOKEN_IDS, 512, seed=args.seed + 1)
     return {
         "offline-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
         "serve-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--sequential-prompts", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch1-tokens", type=int, default=256, help="batch-1 output tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8190)
     parser.add_argument("--output-json", required=True)
@@ -251,7 +253,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "threads": args.threads, "precision": args.precision, "num_prompts": args.num_prompts,
-        "rounds": args.rounds, "models": {},
+        "rounds": args.rounds, "batch1_tokens": args.batch1_tokens,
+        "sequential_prompts": args.sequential_prompts, "models": {},
     }
     for model in args.models.split(","):
         results["models"][model] = measure(args, model)

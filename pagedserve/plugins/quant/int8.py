@@ -2,14 +2,15 @@
 time, like llama.cpp's Q8_0 (which scales blocks of 32 weights; this scales whole output
 channels, what torch's int8 CPU kernel takes).
 
-Each linear weight ``W [N, K]``, the LM head's included (as Q8_0 does), becomes ``q = round(W / s)`` in int8 with ``s = max|W[n]| / 127``
-per output channel, a quarter of float32's bytes: at small batches a CPU decode step streams every
-weight once, so it goes about as fast as the weights are small. The matmul is
-``torch._weight_int8pack_mm`` (ATen's CPU kernel: the int8 weight is converted to the activation
-dtype tile by tile, never written out whole). Activations go in as bfloat16 where the CPU has
-bfloat16 dot products (avx512_bf16, where ATen runs the kernel through oneDNN's brgemm; the
-float32 variant measured 4-6x slower there), else in the model's dtype. Elsewhere (CUDA) the
-weight is dequantized to the activation dtype per call.
+Each linear weight ``W [N, K]``, the LM head's included (as Q8_0 does), becomes
+``q = round(W / s)`` in int8 with ``s = max|W[n]| / 127`` per output channel, a quarter of
+float32's bytes: at small batches a CPU decode step streams every weight once, so it goes about as
+fast as the weights are small. The matmul is ``torch._weight_int8pack_mm`` (ATen's CPU kernel: the
+int8 weight is converted to the activation dtype tile by tile, never written out whole).
+Activations go in as bfloat16 where the CPU has bfloat16 dot products (avx512_bf16, where ATen
+runs the kernel through oneDNN; its float32 variant measured 5-17x slower than the bfloat16 one
+there), else in the model's dtype. Fast at small batches only: at 64 rows the kernel is slower
+than a dense float32 matmul. Elsewhere (CUDA) the weight is dequantized per call.
 """
 
 from __future__ import annotations
