@@ -74,7 +74,6 @@ def decode_profile(llm: LLM, batch: int, steps: int, prompt_len: int) -> dict:
         shares[categorize(event.key)] += event.self_cpu_time_total / 1e6
         if event.key in ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm") and event.input_shapes:
             linear_shapes[(event.key, json.dumps(event.input_shapes))] += event.count
-    attention_total = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "pagedserve::attention") / 1e6
     torch_total = sum(shares.values())
     shares["python/dispatch/scheduler (not in any op)"] = max(wall - torch_total, 0.0)
     return {
@@ -84,7 +83,6 @@ def decode_profile(llm: LLM, batch: int, steps: int, prompt_len: int) -> dict:
         "tokens_per_s": batch * steps / unprofiled,
         #: The profiler's own cost inflates the time outside ops most: shares are of this total.
         "profiled_step_ms": wall / steps * 1e3,
-        "attention_op_ms_per_step": attention_total / steps * 1e3,
         "breakdown_ms_per_step": {k: v / steps * 1e3 for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
         "linear_calls": [(op, shapes, n // steps) for (op, shapes), n in linear_shapes.most_common()],
     }
@@ -132,7 +130,7 @@ def main() -> None:
         run["bare_mm_ms_per_step"] = bare_mm(run["linear_calls"])
         results["runs"].append(run)
         print(f"batch {batch}: {run['step_ms']:.2f} ms/step, {run['tokens_per_s']:.0f} tok/s unprofiled; "
-              f"profiled {run['profiled_step_ms']:.2f} ms/step (attention op {run['attention_op_ms_per_step']:.2f} ms, bare mm of the same shapes "
+              f"profiled {run['profiled_step_ms']:.2f} ms/step (bare mm of the same shapes "
               f"{run['bare_mm_ms_per_step']:.2f} ms)")
         for name, ms in run["breakdown_ms_per_step"].items():
             print(f"  {name:45s} {ms:7.2f} ms  {ms / run['profiled_step_ms']:5.1%}")
