@@ -72,6 +72,10 @@ _ENGINE_OPTIONS = [
     click.option("--max-loras", type=int, default=1, show_default=True, help="Distinct LoRA adapters a step may hold."),
     click.option("--max-lora-rank", type=int, default=16, show_default=True, help="The largest adapter rank served."),
     click.option("--max-cpu-loras", type=int, default=None, help="LoRA adapters kept in memory (default: --max-loras)."),
+    click.option("--sampler", default="default", show_default=True,
+                 help="The registered sampler that picks tokens (pagedserve plugins lists them)."),
+    click.option("--logits-processors", cls=_NargsPlusOption, multiple=True, metavar="MODULE:CLASS ...",
+                 help="Logits processors beyond the registered ones, by qualified class name; run after them."),
     click.option("--speculative-config", type=_json_object, default=None, metavar="JSON",
                  help='Speculative decoding, JSON with vLLM\'s keys: \'{"method": "ngram", '
                       '"num_speculative_tokens": 4}\' (methods: ngram, suffix, draft_model).'),
@@ -90,9 +94,10 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
              "attention_backend", "torch_compile", "device", "seed", "pooler_config", "enable_lora",
-             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager")
+             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager", "sampler")
     args = {name: kwargs[name] for name in names}
     args["cuda_graph_sizes"] = list(kwargs["cuda_graph_sizes"]) or None
+    args["logits_processors"] = list(kwargs["logits_processors"])
     return args
 
 
@@ -294,7 +299,7 @@ def plugins(as_json: bool) -> None:
     manager = get_plugin_manager()
     rows = [
         {"name": info.name, "distribution": info.distribution, "version": info.version,
-         "registers": info.registered}
+         "registers": info.registered, "http_routes": _http_routes(manager, info.registered.get("routes", []))}
         for info in manager.infos.values()
     ]
     if as_json:
@@ -304,13 +309,33 @@ def plugins(as_json: bool) -> None:
         click.echo(f"{row['name']}  ({row['distribution'] or '?'} {row['version'] or ''})".rstrip())
         for kind, names in sorted(row["registers"].items()):
             click.echo(f"    {kind}: {', '.join(names)}")
+        for route in row["http_routes"]:
+            click.echo(f"        {route}")
+
+
+def _http_routes(manager: Any, router_names: list[str]) -> list[str]:
+    """``METHODS /path`` of each route in the named routers (``register_routes``)."""
+    routes = []
+    for name in router_names:
+        for route in manager.registry("routes").load(name).routes:
+            methods = ",".join(sorted(getattr(route, "methods", None) or ["WS"]))
+            routes.append(f"{methods} {route.path}")
+    return routes
 
 
 def _add_plugin_commands() -> None:
-    """Let plugins add subcommands (``register_commands(cli)``)."""
+    """Let plugins add subcommands (``register_commands(cli)``), each plugin's implementation
+    alone, so ``pagedserve plugins`` can say which plugin added which command."""
     from pagedserve.core.plugins import get_plugin_manager
 
-    get_plugin_manager().hook.register_commands(cli=cli)
+    manager = get_plugin_manager()
+    for impl in manager.hook.register_commands.get_hookimpls():
+        before = set(cli.commands)
+        impl.function(cli=cli)
+        added = sorted(set(cli.commands) - before)
+        info = manager.infos.get(impl.plugin_name)
+        if added and info is not None:
+            info.registered.setdefault("commands", []).extend(added)
 
 
 def _add_interactive_commands() -> None:

@@ -67,15 +67,15 @@ class Server:
         return self.process.wait(timeout=60)
 
 
-def start_server(command: list[str], log: Path, port: int, *extra: str) -> Server:
-    """Run ``command`` with ENGINE_ARGS (and ``extra`` flags) on ``port``; return once
-    ``/health`` answers 200."""
+def start_server(command: list[str], log: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> Server:
+    """Run ``command`` with ENGINE_ARGS (and ``extra`` flags, and ``env`` added to the
+    environment) on ``port``; return once ``/health`` answers 200."""
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in ENGINE_ARGS.items()]
     process = subprocess.Popen(
         [*command, *flags, *extra, "--port", str(port)],
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     server = Server(process, port, log)
     server.wait_ready()

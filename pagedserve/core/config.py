@@ -285,7 +285,11 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     attention_backend: str | None = None
+    #: The registered sampler that picks tokens (``register_samplers``).
     sampler: str = "default"
+    #: Logits processors beyond the registered ones (vLLM's ``logits_processors``), as
+    #: ``"module:Class"`` or ``"module.Class"``; they run after the registered ones, in this order.
+    logits_processors: list[str] = field(default_factory=list)
     quantization: str | None = None
     #: Compile the model forward with ``torch.compile`` (attention stays one opaque op): fewer,
     #: fused kernels a step, at the cost of compiling at start-up. Off by default, unlike vLLM,
@@ -311,6 +315,16 @@ class EngineConfig:
             for size in sizes:
                 _positive("every cuda_graph_sizes entry", size)
             self.cuda_graph_sizes = sizes
+        if not isinstance(self.sampler, str) or not self.sampler:
+            raise ConfigError(f"sampler must be a registered sampler's name, got {self.sampler!r}")
+        if isinstance(self.logits_processors, str) or not all(
+            isinstance(p, str) and ("." in p or ":" in p) for p in self.logits_processors
+        ):
+            raise ConfigError(
+                "logits_processors must be a list of qualified class names such as "
+                f"'my_pkg.processors:MyProcessor', got {self.logits_processors!r}"
+            )
+        self.logits_processors = list(self.logits_processors)
         if self.lora.enable_lora and self.torch_compile:
             raise ConfigError(
                 "enable_lora does not work with torch_compile yet (the LoRA slots change between "
@@ -366,6 +380,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "max_cpu_loras": ("lora", "max_cpu_loras"),
     "attention_backend": (None, "attention_backend"),
     "sampler": (None, "sampler"),
+    "logits_processors": (None, "logits_processors"),
     "quantization": (None, "quantization"),
     "torch_compile": (None, "torch_compile"),
     "speculative_config": (None, "speculative"),

@@ -153,13 +153,14 @@ class ModelRunner(ModelRunnerBase):
 
         backend_cls = select_attention_backend(config, plugins.registry("attention_backends"))
         self.backend = backend_cls(config)
+        self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins,
+                                     config.logits_processors)
         self.proposer = self._build_proposer(plugins) if config.speculative is not None else None
         #: Per request id: the target's hidden state at the row that gave its last token, for a
         #: proposer that reads hidden states.
         self._last_hidden: dict[str, torch.Tensor] = {}
         self.kv_cache_dtype = self._kv_cache_dtype()
         self.forward = torch.compile(self.model, dynamic=True) if config.torch_compile else self.model
-        self.sampler = build_sampler(config.sampler, self.vocab_size, self.device, config.model.seed, plugins)
 
         #: Why decode steps are not CUDA graphs here (None: they are captured).
         self.cuda_graph_reason = cuda_graph_reason(config, self.device, self.backend)

@@ -316,16 +316,28 @@ def build_sampler(
     device: torch.device | str,
     seed: int,
     manager: PluginManager | None = None,
+    extra_processors: list[str] | None = None,
 ) -> Sampler:
     """The sampler registered as ``name``, with every registered logits processor in ascending
-    ``order`` (ties by name)."""
-    from pagedserve.core.plugins import get_plugin_manager
+    ``order`` (ties by name), then the ``extra_processors`` named by class (``"module:Class"`` or
+    ``"module.Class"``, vLLM's ``logits_processors``) in the order given."""
+    from pagedserve.core.plugins import Entry, PluginError, get_plugin_manager
 
     manager = manager or get_plugin_manager()
     entries = sorted(
         manager.registry("logits_processors").entries(),
         key=lambda e: (e.metadata.get("order", 0), e.name),
     )
-    processors = [entry.load()(vocab_size, device) for entry in entries]
+    classes = [entry.load() for entry in entries]
+    for qualified in extra_processors or []:
+        target = qualified if ":" in qualified else ":".join(qualified.rsplit(".", 1))
+        try:
+            cls = Entry(qualified, target, plugin="logits_processors").load()
+        except PluginError as exc:
+            raise PluginError(f"logits_processors: cannot load {qualified!r}: {exc.__cause__}") from exc
+        if not (isinstance(cls, type) and issubclass(cls, LogitsProcessor)):
+            raise PluginError(f"logits_processors: {qualified!r} is not a LogitsProcessor subclass")
+        classes.append(cls)
+    processors = [cls(vocab_size, device) for cls in classes]
     sampler_cls = manager.registry("samplers").load(name)
     return sampler_cls(vocab_size, device, processors, seed)

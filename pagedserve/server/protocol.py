@@ -87,6 +87,8 @@ class SamplingRequest(RequestModel):
     guided_grammar: str | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
+    #: vLLM's options for plugins (custom logits processors): the engine's ``extra_args``.
+    vllm_xargs: dict[str, str | int | float | list[str | int | float]] | None = None
     # vLLM's beam search extras: n beams; early_stopping as transformers' (and vLLM 0.6's).
     use_beam_search: bool = False
     length_penalty: float = 1.0
@@ -141,6 +143,7 @@ class SamplingRequest(RequestModel):
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             # Streams send what is new each step; a plain response needs only the end.
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            extra_args=dict(self.vllm_xargs) if self.vllm_xargs is not None else None,
             **extra,
         )
 
