@@ -14,6 +14,7 @@ Targets (issue 4): decode >= 80% of the copy bandwidth at batch >= 32 and contex
 never slower than SDPA over a contiguous cache.
 
     python benchmarks/attention.py [--quick] [--dtype bfloat16] [--out benchmarks/results/...]
+    TRITON_INTERPRET=1 python benchmarks/attention.py --dry-run   # the same code on the CPU, tiny
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import datetime
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,12 @@ MEMORY_SHARE = 0.8
 
 
 def bench_ms(fn: Any) -> float:
-    """Median milliseconds of ``fn`` (triton's do_bench: warm-up, L2 flushed between runs)."""
+    """Median milliseconds of ``fn`` (triton's do_bench: warm-up, L2 flushed between runs; on
+    the CPU, the dry run: one call, which only shows the code runs)."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -48,7 +55,8 @@ def bench_ms(fn: Any) -> float:
 
 def copy_bandwidth(device: torch.device) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(1 << 30, dtype=torch.float16, device=device)  # 2 GiB
+    size = 1 << 30 if device.type == "cuda" else 1 << 20  # 2 GiB (2 MiB in the dry run)
+    src = torch.empty(size, dtype=torch.float16, device=device)
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
@@ -136,6 +144,8 @@ def bench_prefill(backend: Any, batch: int, length: int, dtype: torch.dtype, dev
 
 
 def fits(batch: int, context: int, dtype: torch.dtype, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return True
     free, _ = torch.cuda.mem_get_info(device)
     return 2 * kv_bytes(batch, context, dtype) < MEMORY_SHARE * free
 
@@ -145,23 +155,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few shapes (about a minute)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the same code on the CPU, tiny shapes, float32, the kernels under TRITON_INTERPRET=1")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    from pagedserve.plugins.attention.triton.backend import TritonBackend, interpreting
+
+    if args.dry_run and not interpreting():
+        print("--dry-run runs the Triton kernels interpreted: set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if not args.dry_run and not torch.cuda.is_available():
         print("benchmarks/attention.py measures GPU kernels and needs a CUDA GPU; none is available "
-              "here (torch.cuda.is_available() is False).", file=sys.stderr)  # fmt: skip
+              "here (torch.cuda.is_available() is False); --dry-run runs it on the CPU.", file=sys.stderr)  # fmt: skip
         return 2
 
     from pagedserve.bench.report import format_table, write_result
-    from pagedserve.plugins.attention.triton.backend import TritonBackend
 
-    device = torch.device("cuda")
-    dtype = getattr(torch, args.dtype)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dtype = torch.float32 if args.dry_run else getattr(torch, args.dtype)
     torch.manual_seed(0)
     backend = TritonBackend(config=None)
     copy_bw = copy_bandwidth(device)
     batches, contexts, prefills = (
         (QUICK_BATCHES, QUICK_CONTEXTS, QUICK_PREFILLS) if args.quick else (BATCHES, CONTEXTS, PREFILLS)
     )
+    if args.dry_run:
+        batches, contexts, prefills = (1, 2), (48,), ((1, 32),)
     decode, skipped = [], []
     for batch in batches:
         for context in contexts:
@@ -169,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append({"batch": batch, "context": context})
                 continue
             decode.append(bench_decode(backend, batch, context, dtype, device, copy_bw))
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     prefill = [bench_prefill(backend, b, n, dtype, device) for b, n in prefills if fits(b, n, dtype, device)]
 
     rows: list[tuple[str, Any]] = [("copy bandwidth GB/s (read + write)", copy_bw / 1e9)]
@@ -197,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     settings = {
         "quick": args.quick,
-        "dtype": args.dtype,
+        "dry_run": args.dry_run,
+        "dtype": str(dtype).removeprefix("torch."),
         "num_heads": NUM_HEADS,
         "num_kv_heads": NUM_KV_HEADS,
         "head_size": HEAD_SIZE,
@@ -205,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path(__file__).parent / "results" / f"attention-{stamp}.json"
-    print(f"wrote {write_result(out, 'attention', settings, results, 'cuda')}")
+    print(f"wrote {write_result(out, 'attention', settings, results, device.type)}")
     return 0
 
 

@@ -10,7 +10,9 @@
 # printed), gpu-check.json (device, date, commit, versions, each step's status and seconds, and
 # the figures of every step that wrote JSON) and one JSON per benchmark. Each step has a time
 # limit, and a failed step does not stop the others; the exit status is 1 if any step failed.
-# PYTHON picks the interpreter (default python3).
+# PYTHON picks the interpreter (default python3); COMMIT names the commit where .git is absent.
+# The dry run's kernels run under Triton's interpreter, its CUDA tests are only collected, and
+# its limits are six times the GPU's (a loaded CI machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +21,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then dry=1; elif [[ $# -gt 0 ]]; then
     echo "usage: $0 [--dry-run]" >&2; exit 2
 fi
 py=${PYTHON:-python3}
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}  # COMMIT= where .git did not travel
 stamp=$(date -u +%Y%m%d-%H%M)
 out=${OUT:-benchmarks/results/gpu-check-$stamp-$commit}
 mkdir -p "$out"
@@ -37,7 +39,7 @@ fi
 
 # step NAME LIMIT_SECONDS COMMAND...: run it, record status and seconds.
 step() {
-    local name=$1 limit=$2; shift 2
+    local name=$1 limit=$(($2 * (dry ? 6 : 1))); shift 2
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS status=ok
     timeout --kill-after=10 "$limit" "$@" || { [[ $? == 124 ]] && status=timeout || status=failed; }
@@ -66,10 +68,11 @@ PY
 cuda_tests="tests/test_cuda.py tests/test_triton_kernels.py tests/test_quant_triton.py tests/test_triton_backend.py"
 if [[ $dry == 1 ]]; then
     dtype=float32
-    step cuda-tests 60 "$py" -m pytest -m cuda --collect-only -q -p no:cacheprovider $cuda_tests
-    step attention 30 "$py" benchmarks/attention.py --help
-    step quantization 30 "$py" benchmarks/quantization.py --help
-    step moe-kernel 30 "$py" benchmarks/moe_kernel.py --help
+    step cuda-tests 30 "$py" -m pytest -m cuda --collect-only -q -p no:cacheprovider $cuda_tests
+    step attention 30 env TRITON_INTERPRET=1 "$py" benchmarks/attention.py --dry-run --out "$out/attention.json"
+    step quantization 30 "$py" benchmarks/quantization.py --decode --skip-quality --dry-run --steps 2 \
+        --decode-context 32 --out "$out/quantization.json"
+    step moe-kernel 30 "$py" benchmarks/moe_kernel.py --tiny --out "$out/moe-kernel.json"
     sizes=(--max-model-len 256 --max-num-seqs 4 --num-prompts 4 --lengths fixed:32,8 --sequential-prompts 1)
     latency=(--input-len 16 --output-len 8 --num-iters 1 --num-iters-warmup 0)
 else

@@ -17,6 +17,7 @@ Targets: W4A16 batch-1 decode >= 2x bf16; FP8 throughput >= 1.3x bf16.
 
     python benchmarks/quantization.py [--model pagedserve/tiny-py] [--max-windows 64]
     python benchmarks/quantization.py --decode --skip-quality
+    python benchmarks/quantization.py --decode --skip-quality --dry-run   # the same code on the CPU, tiny
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ LLAMA_8B = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
 }
 #: Decode formats: (name, quantization_config or None, forced quantization).
+#: The dry run's shape: the 8B shape's layout, small enough for the CPU (hidden a multiple of the
+#: 128-feature quantization groups).
+TINY_SHAPE = {**LLAMA_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512}
 DECODE_FORMATS = [
     ("bf16", None, None),
     ("awq", {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}, None),
@@ -273,26 +278,32 @@ def decode_tokens_per_second(
     return batch / sorted(times)[len(times) // 2]
 
 
+def decode_batches(args: argparse.Namespace) -> tuple[int, ...]:
+    return (1, 4) if args.dry_run else (1, 64)
+
+
 def decode(args: argparse.Namespace) -> dict[str, Any]:
-    if not torch.cuda.is_available():
+    if not args.dry_run and not torch.cuda.is_available():
         sys.exit(
             "the decode benchmark (--decode) needs a CUDA GPU and torch.cuda.is_available() is False "
-            "here; run the quality part without --decode"
+            "here; run the quality part without --decode, or --decode --dry-run on the CPU"
         )
+    device, shape = ("cpu", TINY_SHAPE) if args.dry_run else ("cuda", LLAMA_8B)
     backend = attention_backend(args.attention_backend)
     results: dict[str, Any] = {"attention_backend": type(backend).__name__}
     for name, settings, forced in DECODE_FORMATS:
-        model = random_model(LLAMA_8B, settings, forced, "cuda")
+        model = random_model(shape, settings, forced, device)
         results[name] = {
             f"batch_{b}_tokens_per_s": decode_tokens_per_second(
-                model, backend, b, args.decode_context, args.steps, "cuda"
+                model, backend, b, args.decode_context, args.steps, device
             )
-            for b in (1, 64)
+            for b in decode_batches(args)
         }
         del model
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     for name, *_ in DECODE_FORMATS:
-        for b in (1, 64):
+        for b in decode_batches(args):
             key = f"batch_{b}_tokens_per_s"
             results[name][f"batch_{b}_vs_bf16"] = results[name][key] / results["bf16"][key]
     return results
@@ -311,6 +322,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="keep the quantized checkpoints here")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--decode", action="store_true", help="the GPU decode-speed part")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --decode: the same code on the CPU with a tiny shape (it only shows the code runs)")
     parser.add_argument("--decode-context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--attention-backend", default=None)
@@ -335,7 +348,7 @@ def main() -> None:
     if args.decode:
         results["decode"] = decode(args)
         for name, *_ in DECODE_FORMATS:
-            for b in (1, 64):
+            for b in decode_batches(args):
                 figures = results["decode"][name]
                 rows.append((f"{name} decode batch {b} tokens/s", figures[f"batch_{b}_tokens_per_s"]))
                 rows.append((f"{name} decode batch {b} vs bf16", figures[f"batch_{b}_vs_bf16"]))
@@ -344,7 +357,7 @@ def main() -> None:
     print(format_table(rows))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path(__file__).parent / "results" / f"quantization-{stamp}.json"
-    device = "cuda" if args.decode else args.device
+    device = ("cpu" if args.dry_run else "cuda") if args.decode else args.device
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     print(f"wrote {write_result(out, 'quantization', settings, results, device)}")
 

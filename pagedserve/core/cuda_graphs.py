@@ -76,9 +76,13 @@ class DecodeBuffers:
         self.device = device
         pin = device.type == "cuda"
 
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (host staging, device buffer)
+
         def pair(*shape: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
             host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return torch.zeros(shape, dtype=dtype, device=device), host.numpy()
+            buffer = torch.zeros(shape, dtype=dtype, device=device)
+            self._copies.append((host, buffer))
+            return buffer, host.numpy()
 
         self.input_ids, self._input_ids = pair(max_size, dtype=torch.int64)
         self.positions, self._positions = pair(max_size, dtype=torch.int64)
@@ -87,8 +91,6 @@ class DecodeBuffers:
         self.block_tables, self._block_tables = pair(max_size, max_blocks_per_seq, dtype=torch.int32)
         # One new token per request: request i's query is token i, always.
         self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32, device=device)
-        self._host = (self._input_ids, self._positions, self._slot_mapping, self._seq_lens, self._block_tables)
-        self._device = (self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables)
         self.write([], [], [], max_size)  # every row a padding row until a step writes it
 
     def write(self, token_ids: list[int], positions: list[int], block_ids: list[list[int]], size: int) -> list[int]:
@@ -111,8 +113,8 @@ class DecodeBuffers:
         block = tables[rows, pos[:size] // self.block_size]
         self._slot_mapping[:size] = block.astype(np.int64) * self.block_size + pos[:size] % self.block_size
         self._seq_lens[:size] = pos[:size] + 1
-        for host, device in zip(self._host, self._device):
-            device[:size].copy_(torch.from_numpy(host[:size]), non_blocking=True)
+        for host, buffer in self._copies:
+            buffer[:size].copy_(host[:size], non_blocking=True)
         return self._seq_lens[:size].tolist()
 
     def layout(self, size: int, seq_lens: list[int], max_seq_len: int) -> BatchLayout:
