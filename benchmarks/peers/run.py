@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -144,11 +145,12 @@ def start_systems(args: argparse.Namespace, model: str) -> dict[str, Any]:
 def scenarios(args: argparse.Namespace) -> dict[str, tuple[list[list[int]], list[int]]]:
     workload = make_workload("uniform:32-256,16-256", args.num_prompts, TOKEN_IDS, 512, seed=args.seed)
     one = make_workload(f"fixed:32,{args.batch1_tokens}", 1, TOKEN_IDS, 512, seed=args.seed + 1)
-    return {
+    every = {
         "offline-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
         "serve-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
         "batch-1": ([one[0].prompt_token_ids], [one[0].output_len]),
     }
+    return {name: every[name] for name in args.scenarios}
 
 
 #: Which system answers which scenario (llama.cpp's offline figure is its server's: it has no
@@ -163,7 +165,7 @@ PLAN = {
 def measure(args: argparse.Namespace, model: str) -> dict[str, Any]:
     systems = start_systems(args, model)
     work = scenarios(args)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in PLAN}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in work}
     try:
         for name, (prompts, lens) in work.items():  # one unmeasured pass: oneDNN/ggml set-up
             for system in PLAN[name]:
@@ -187,7 +189,7 @@ def measure(args: argparse.Namespace, model: str) -> dict[str, Any]:
     finally:
         for system in systems.values():
             system.close()
-    if "llama.cpp" in runs["offline-64"]:
+    if "llama.cpp" in runs.get("offline-64", {}) and "serve-64" in runs:
         runs["serve-64"]["llama.cpp"] = runs["offline-64"]["llama.cpp"]
     medians = {name: {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in by.items()}
                for name, by in runs.items()}
@@ -199,12 +201,15 @@ def targets(model: str, medians: dict[str, dict[str, float]]) -> list[dict[str, 
     for (name, target_model), (peer, least) in TARGETS.items():
         if target_model not in (None, model):
             continue
+        if name not in medians:
+            continue
         ours = medians[name].get("pagedserve-serve" if name == "serve-64" else "pagedserve")
         theirs = medians[name].get(peer)
         ratio = ours / theirs if ours and theirs else None
         rows.append({"scenario": name, "peer": peer, "ratio": ratio, "target": least,
                      "met": ratio is not None and ratio >= least})
-    ours, hf = medians["offline-64"].get("pagedserve"), medians["offline-64"].get("transformers")
+    offline = medians.get("offline-64", {})
+    ours, hf = offline.get("pagedserve"), offline.get("transformers")
     if ours and hf:
         rows.append({"scenario": "offline-64", "peer": "transformers", "ratio": ours / hf, "target": 15.0,
                      "met": ours / hf >= 15.0})
@@ -233,6 +238,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny-py,smollm-135m-shape")
     parser.add_argument("--systems", default="pagedserve,pagedserve-serve,llama.cpp,ctranslate2,transformers")
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    parser.add_argument("--scenarios", default=",".join(PLAN), help="a subset of " + ", ".join(PLAN))
     parser.add_argument("--gguf-dir")
     parser.add_argument("--llama-server")
     parser.add_argument("--ct2-dir")
@@ -247,18 +253,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8190)
     parser.add_argument("--output-json", required=True)
     args = parser.parse_args()
+    # A timeout's SIGTERM still stops the servers and workers (``measure``'s finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     args.systems = args.systems.split(",")
+    args.scenarios = args.scenarios.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "threads": args.threads, "precision": args.precision, "num_prompts": args.num_prompts,
-        "rounds": args.rounds, "batch1_tokens": args.batch1_tokens,
+        "rounds": args.rounds, "scenarios": args.scenarios, "batch1_tokens": args.batch1_tokens,
         "sequential_prompts": args.sequential_prompts, "models": {},
     }
     for model in args.models.split(","):
         results["models"][model] = measure(args, model)
-    Path(args.output_json).write_text(json.dumps(results, indent=1))
+        Path(args.output_json).write_text(json.dumps(results, indent=1))  # what is done so far
     print(table(results))
 
 
