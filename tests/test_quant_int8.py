@@ -15,6 +15,7 @@ import torch
 from pagedserve import LLM, SamplingParams
 from pagedserve.assets import DEFAULT_MODEL
 from pagedserve.assets.corpus import eval_windows, split_files, token_stream
+from pagedserve.core.layers.linear import Linear
 from pagedserve.plugins.quant.int8 import Int8Config, int8_matmul, quantize_int8
 
 #: Held-out windows scored (of 128 tokens: about 4k predicted tokens per model).
@@ -76,7 +77,10 @@ def test_int8_held_out_perplexity_is_within_one_percent_of_float32() -> None:
     reference = held_out_perplexity(dense, windows)
     del dense
     quantized = LLM(DEFAULT_MODEL, dtype="float32", quantization="int8", max_model_len=CONTEXT + 8)
-    head = quantized.engine.runner.model.lm_head
+    model = quantized.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.dtype == torch.int8 for m in linears)
+    head = model.lm_head
     assert head.qweight.dtype == torch.int8 and head.weight.dtype == torch.float32  # the tied embedding stays
     perplexity = held_out_perplexity(quantized, windows)
     assert reference < 1000  # a trained model, not noise
