@@ -79,6 +79,12 @@ _ENGINE_OPTIONS = [
     click.option("--speculative-config", type=_json_object, default=None, metavar="JSON",
                  help='Speculative decoding, JSON with vLLM\'s keys: \'{"method": "ngram", '
                       '"num_speculative_tokens": 4}\' (methods: ngram, suffix, draft_model).'),
+    click.option("--tensor-parallel-size", "-tp", type=int, default=1, show_default=True,
+                 help="Ranks the model is split over (one process each; see docs/parallel.md)."),
+    click.option("--nnodes", type=int, default=1, show_default=True, help="Machines the ranks span."),
+    click.option("--node-rank", type=int, default=0, show_default=True, help="This machine's index (0: the server)."),
+    click.option("--master-addr", default=None, help="Address of node 0 the ranks meet at [default: $MASTER_ADDR or 127.0.0.1]."),
+    click.option("--master-port", type=int, default=None, help="Port the ranks meet at [default: $MASTER_PORT or a free one]."),
 ]
 
 
@@ -94,7 +100,8 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
              "attention_backend", "torch_compile", "device", "seed", "pooler_config", "enable_lora",
-             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager", "sampler")
+             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager", "sampler",
+             "tensor_parallel_size", "nnodes", "node_rank", "master_addr", "master_port")
     args = {name: kwargs[name] for name in names}
     args["cuda_graph_sizes"] = list(kwargs["cuda_graph_sizes"]) or None
     args["logits_processors"] = list(kwargs["logits_processors"])
@@ -213,7 +220,6 @@ def default_model() -> str | None:
 @click.option("--api-key", envvar="PAGEDSERVE_API_KEY", default=None,
               help="Require this bearer token on /v1 routes (or set PAGEDSERVE_API_KEY).")
 @click.option("--gpu-memory-utilization", type=float, default=0.9, show_default=True)
-@click.option("--tensor-parallel-size", "-tp", type=int, default=1, show_default=True)
 @click.option("--quantization", default=None, help="Weight format (default: the checkpoint's).")
 @click.option("--allowed-origins", type=_json_list, default=None, metavar="JSON",
               help='CORS: origins allowed, a JSON list (\'["https://a.example"]\'); off if not given.')
@@ -242,8 +248,10 @@ def default_model() -> str | None:
               help="Seconds an idle keep-alive connection stays open [default: 5].")
 @click.option("--timeout-header-read", type=float, default=None,
               help="Seconds a connection has to send a request's headers [default: 10].")
+@click.option("--headless", is_flag=True,
+              help="Run only this machine's tensor-parallel ranks (--node-rank >= 1), no server.")
 def serve(model_argument: str | None, model: str | None, host: str, port: int, api_key: str | None,
-          served_model_name: str | None, gpu_memory_utilization: float, tensor_parallel_size: int,
+          served_model_name: str | None, gpu_memory_utilization: float,
           quantization: str | None, allowed_origins: list[str] | None, allowed_methods: list[str],
           allowed_headers: list[str], allow_credentials: bool, lora_modules: tuple[str, ...],
           enable_lora_runtime_updating: bool, lora_roots: tuple[str, ...], enable_auto_tool_choice: bool,
@@ -271,9 +279,13 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
     try:
         config = engine_config_from_args(
             model, **engine_args(kwargs), served_model_name=served_model_name,
-            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
             quantization=quantization,
         )
+        if kwargs["headless"]:
+            from pagedserve.distributed.workers import run_headless
+
+            sys.exit(run_headless(config))
         cors = None
         if allowed_origins:
             cors = CORSOptions(allowed_origins, allowed_methods, allowed_headers, allow_credentials)

@@ -27,6 +27,9 @@ from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.sampling_params import SamplingParams
 
+#: How often an idle engine loop checks its runner's health (so /health turns 503 promptly).
+IDLE_HEALTH_CHECK_SECONDS = 1.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -222,8 +225,10 @@ class AsyncLLMEngine:
             while not self._stopping:
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests():
-                    self._wakeup.wait()
+                    # Idle: still notice a runner that broke meanwhile (a worker process died).
+                    self._wakeup.wait(IDLE_HEALTH_CHECK_SECONDS)
                     self._wakeup.clear()
+                    self.engine.check_health()
                     continue
                 self._deliver(self.engine.step())
         except BaseException as exc:

@@ -121,12 +121,45 @@ class DeviceConfig:
 
 @dataclass
 class ParallelConfig:
+    """Tensor parallelism: ``tensor_parallel_size`` ranks (rank 0 in the engine's process, the
+    others spawned), spread evenly over ``nnodes`` machines. Ranks meet at
+    ``master_addr:master_port`` (defaults: ``$MASTER_ADDR`` / ``$MASTER_PORT``, else loopback and a
+    free port, which only a single machine can use). See docs/parallel.md."""
+
     tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
 
     def __post_init__(self) -> None:
+        import os
+
         _positive("tensor_parallel_size", self.tensor_parallel_size)
-        if self.tensor_parallel_size != 1:
-            raise ConfigError("tensor_parallel_size > 1 is not supported yet; use 1")
+        _positive("nnodes", self.nnodes)
+        if self.tensor_parallel_size % self.nnodes:
+            raise ConfigError(
+                f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes "
+                f"({self.nnodes}): every machine runs the same number of ranks"
+            )
+        if not isinstance(self.node_rank, int) or not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank!r}")
+        if self.master_addr is None:
+            self.master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if self.master_port is None and os.environ.get("MASTER_PORT"):
+            self.master_port = int(os.environ["MASTER_PORT"])
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ConfigError(f"master_port must be a TCP port (1-65535), got {self.master_port!r}")
+        if self.nnodes > 1 and self.master_port is None:
+            raise ConfigError(
+                "nnodes > 1 needs master_port (or $MASTER_PORT), the same on every machine, and "
+                "master_addr (or $MASTER_ADDR) set to the address of the machine with node_rank 0"
+            )
+
+    def local_ranks(self) -> list[int]:
+        """The ranks this machine runs."""
+        per_node = self.tensor_parallel_size // self.nnodes
+        return list(range(self.node_rank * per_node, (self.node_rank + 1) * per_node))
 
 
 #: vLLM speculative_config keys pagedserve does not implement: refused, never ignored.
@@ -325,6 +358,21 @@ class EngineConfig:
                 f"'my_pkg.processors:MyProcessor', got {self.logits_processors!r}"
             )
         self.logits_processors = list(self.logits_processors)
+        if self.parallel.tensor_parallel_size > 1:
+            refused = [
+                name
+                for name, on in (
+                    ("enable_lora", self.lora.enable_lora),
+                    ("speculative_config", self.speculative is not None),
+                    ("torch_compile", self.torch_compile),
+                )
+                if on
+            ]
+            if refused:
+                raise ConfigError(
+                    f"{', '.join(refused)} cannot be combined with tensor_parallel_size > 1 yet; "
+                    "drop it or use tensor_parallel_size=1"
+                )
         if self.lora.enable_lora and self.torch_compile:
             raise ConfigError(
                 "enable_lora does not work with torch_compile yet (the LoRA slots change between "
@@ -374,6 +422,10 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "device": ("device", "device"),
     "model_runner": ("device", "model_runner"),
     "tensor_parallel_size": ("parallel", "tensor_parallel_size"),
+    "nnodes": ("parallel", "nnodes"),
+    "node_rank": ("parallel", "node_rank"),
+    "master_addr": ("parallel", "master_addr"),
+    "master_port": ("parallel", "master_port"),
     "enable_lora": ("lora", "enable_lora"),
     "max_loras": ("lora", "max_loras"),
     "max_lora_rank": ("lora", "max_lora_rank"),

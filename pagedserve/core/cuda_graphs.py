@@ -57,6 +57,8 @@ def cuda_graph_reason(config: EngineConfig, device: torch.device, backend: Atten
         return f"attention backend {backend.name!r} cannot be captured (it plans each step on the host)"
     if config.lora.enable_lora:
         return "enable_lora is set (the adapter slots change between steps)"
+    if config.parallel.tensor_parallel_size > 1:
+        return "tensor_parallel_size > 1 (the ranks' collectives are not captured yet)"
     return None
 
 

@@ -95,6 +95,7 @@ class LLMEngine:
         self.generation_config = load_generation_config(model_config.model_path)
         self.eos_token_ids = get_eos_token_ids(self.tokenizer, self.generation_config)
 
+        self._shut_down = False
         self.runner: ModelRunnerBase = self._select_runner()(config, self.plugins)
         self.vocab_size = self.runner.vocab_size
         cache = config.cache
@@ -511,5 +512,16 @@ class LLMEngine:
                 self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
         return len(detokenizer.output_token_ids) - num_before
 
+    def check_health(self) -> None:
+        """Raise when the engine can no longer step (a tensor-parallel worker died)."""
+        self.runner.check_health()
+
     def shutdown(self) -> None:
-        self.plugins.hook.engine_shutdown(engine=self)
+        """Run the ``engine_shutdown`` hooks and stop the runner's processes; idempotent."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        try:
+            self.plugins.hook.engine_shutdown(engine=self)
+        finally:
+            self.runner.shutdown()

@@ -28,6 +28,8 @@ from pagedserve.core.layers.quantization import (
 )
 from pagedserve.core.layers.rotary import rope_max_len, rope_parameters_from_config
 from pagedserve.core.plugins import get_plugin_manager
+from pagedserve.distributed import parallel_state
+from pagedserve.distributed.shards import CheckpointSlice, CheckpointTensor
 
 #: What a hub download fetches: configs, tokenizer files and safetensors weights, nothing else.
 HUB_ALLOW_PATTERNS = [
@@ -174,12 +176,18 @@ def shard_name(index: Path, name: Any) -> str:
     return name
 
 
-def iterate_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every file, read one at a time on the CPU."""
+def iterate_weights(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, CheckpointTensor]]:
+    """(name, tensor) for every tensor of every file, read one at a time on the CPU. With
+    ``lazy`` each comes as a ``CheckpointSlice`` that reads only the part its layer keeps (a
+    tensor-parallel rank's shard)."""
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, f.get_tensor(name)
+                if lazy:
+                    part = f.get_slice(name)
+                    yield name, CheckpointSlice(part, tuple(part.get_shape()))
+                else:
+                    yield name, f.get_tensor(name)
 
 
 @contextlib.contextmanager
@@ -233,7 +241,8 @@ def load_model(model_config: ModelConfig, quantization: str | None, device: str)
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, model_config.seed)
     else:
-        model.load_weights(iterate_weights(safetensors_files(path)))
+        lazy = parallel_state.get_tp_world_size() > 1
+        model.load_weights(iterate_weights(safetensors_files(path), lazy=lazy))
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None:

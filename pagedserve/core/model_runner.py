@@ -30,6 +30,8 @@ from pagedserve.core.sampling import SamplingBatch, TokenLogprobs, build_sampler
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.startup import phase
 from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
+from pagedserve.distributed import parallel_state
+from pagedserve.distributed.workers import WorkerGroup
 
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
@@ -90,6 +92,29 @@ def dummy_requests(count: int) -> list[Request]:
     return [Request(f"profile-{i}", [0], params) for i in range(count)]
 
 
+@dataclass
+class ForwardBatch:
+    """The part of a step every tensor-parallel rank runs, in plain lists (cheap to send): block
+    copies, the forward, the logits of the sampled rows and of the prompt-logprobs rows."""
+
+    token_ids: list[int] = field(default_factory=list)
+    #: Per scheduled request: (block ids, first position, tokens this step).
+    seqs: list[tuple[list[int], int, int]] = field(default_factory=list)
+    #: The padded batch size of a decode-only step (None: the step runs eagerly).
+    padded_size: int | None = None
+    #: Rows whose logits the step samples or verifies, and rows that score prompt tokens.
+    logits_rows: list[int] = field(default_factory=list)
+    prompt_rows: list[int] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class ForwardResult:
+    hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    prompt_logits: torch.Tensor | None = None
+
+
 class ModelRunnerBase(ABC):
     """What the engine needs from a runner: its KV capacity and one ``execute`` per step."""
 
@@ -114,6 +139,12 @@ class ModelRunnerBase(ABC):
 
     def request_finished(self, request: Request) -> None:
         """A request finished or was aborted (the proposer drops what it kept for it)."""
+
+    def check_health(self) -> None:
+        """Raise when the runner can no longer run steps (a tensor-parallel worker died)."""
+
+    def shutdown(self) -> None:
+        """Release what the runner started (worker processes); called once, at engine shutdown."""
 
 
 def select_attention_backend(config: EngineConfig, registry: Registry) -> type[AttentionBackend]:
@@ -140,6 +171,26 @@ class ModelRunner(ModelRunnerBase):
 
     def __init__(self, config: EngineConfig, plugins: PluginManager) -> None:
         self.config = config
+        #: Rank 0 of a tensor-parallel engine starts the other ranks (a worker's own runner is
+        #: built after its process joined the group, and starts none).
+        self.workers: WorkerGroup | None = None
+        if config.parallel.tensor_parallel_size == 1:
+            with parallel_state.assumed_rank(0, 1):  # even beside a tensor-parallel engine
+                self._build(config, plugins)
+        elif not parallel_state.is_worker_process():
+            self.workers = WorkerGroup(config)
+            try:
+                self._build(config, plugins)
+            except BaseException as exc:
+                error = self.workers.error_for(exc)
+                self.workers.shutdown()
+                if error is exc:
+                    raise
+                raise error from exc
+        else:
+            self._build(config, plugins)
+
+    def _build(self, config: EngineConfig, plugins: PluginManager) -> None:
         self.device = torch.device(config.device.resolved())
         self.block_size = config.cache.block_size
         with phase("weights"):
@@ -217,7 +268,8 @@ class ModelRunner(ModelRunnerBase):
         memory = None
         if stats is not None and cache.num_kv_blocks is None and cache.kv_cache_memory_bytes is None:
             memory = measure_memory(stats, self._profile_step)
-        blocks = num_kv_blocks(self.config, per_block, memory)
+        # Every rank sizes its own share; all must hold the same blocks, so the least wins.
+        blocks = parallel_state.agree_min(num_kv_blocks(self.config, per_block, memory))
         if memory is not None:
             logger.info("KV cache: %s -> %d blocks of %d bytes", memory.describe(cache.gpu_memory_utilization),
                         blocks, per_block)
@@ -311,12 +363,11 @@ class ModelRunner(ModelRunnerBase):
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        if scheduler_output.blocks_to_copy:
-            pairs = host_to_device(scheduler_output.blocks_to_copy, torch.long, self.device)
-            self.backend.copy_blocks(self.kv_caches, pairs)
         scheduled = scheduler_output.scheduled
         output = RunnerOutput()
         if not scheduled:
+            if scheduler_output.blocks_to_copy:
+                self.run_forward(ForwardBatch(blocks_to_copy=list(scheduler_output.blocks_to_copy)))
             return output
 
         token_ids: list[int] = []
@@ -350,21 +401,22 @@ class ModelRunner(ModelRunnerBase):
                 targets = req.prompt_token_ids[start + 1 : end + 1]
                 prompt_rows.append((req.request_id, start, first, targets, k))
 
+        batch = ForwardBatch(
+            token_ids,
+            seqs,
+            padded_size=self._padded_size(scheduler_output, len(token_ids)),
+            logits_rows=sample_rows + spec_rows,
+            prompt_rows=[row for _, _, first, targets, _ in prompt_rows for row in range(first, first + len(targets))],
+            blocks_to_copy=list(scheduler_output.blocks_to_copy),
+        )
+        lora_requests = [item.request.lora_request for item in scheduled] if self.lora_manager else None
         timer = StepTimer(self.device)
-        padded_size = self._padded_size(scheduler_output, len(token_ids))
-        if padded_size is not None:
-            positions = [start for _, start, _ in seqs]
-            hidden = self.padded_decode.run(token_ids, positions, [s[0] for s in seqs], padded_size)  # type: ignore[union-attr]
-        else:
-            hidden = self._eager_forward(scheduled, token_ids, seqs)
-        all_rows = sample_rows + spec_rows
-        if all_rows:
-            rows = host_to_device(all_rows, torch.long, self.device)
-            all_logits = self.model.compute_logits(hidden[rows])
+        result = self.run_forward(batch, lora_requests, timer)
+        hidden, all_logits = result.hidden, result.logits
+        if all_logits is not None:
             sample_logits = all_logits[: len(sample_rows)]
-        timer.forward_done()
         if prompt_rows:
-            output.prompt_logprobs.update(self._prompt_logprobs(hidden, prompt_rows))
+            output.prompt_logprobs.update(self._prompt_logprobs(result.prompt_logits, prompt_rows))
 
         for request_id, start, first, count, last in pool_rows:
             partial = pool_chunk(self.pooling_type, hidden[first : first + count], last)
@@ -399,15 +451,56 @@ class ModelRunner(ModelRunnerBase):
         output.forward_seconds = timer.forward_seconds()
         return output
 
+    @torch.inference_mode()
+    def run_forward(
+        self, batch: ForwardBatch, lora_requests: list[Any] | None = None, timer: StepTimer | None = None
+    ) -> ForwardResult:
+        """What every tensor-parallel rank runs of a step: rank 0 first sends ``batch`` to the
+        workers, which make the same call (the layers' collectives pair up); a worker that died
+        meanwhile turns the collective's error into ``WorkerFailedError``."""
+        if self.workers is None:
+            return self._run_forward(batch, lora_requests, timer)
+        self.workers.send_step(batch)
+        try:
+            return self._run_forward(batch, lora_requests, timer)
+        except RuntimeError as exc:
+            error = self.workers.error_for(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def _run_forward(
+        self, batch: ForwardBatch, lora_requests: list[Any] | None, timer: StepTimer | None
+    ) -> ForwardResult:
+        if batch.blocks_to_copy:
+            pairs = host_to_device(batch.blocks_to_copy, torch.long, self.device)
+            self.backend.copy_blocks(self.kv_caches, pairs)
+        result = ForwardResult()
+        if not batch.seqs:
+            return result
+        if batch.padded_size is not None:
+            positions = [start for _, start, _ in batch.seqs]
+            block_ids = [s[0] for s in batch.seqs]
+            result.hidden = self.padded_decode.run(batch.token_ids, positions, block_ids, batch.padded_size)  # type: ignore[union-attr]
+        else:
+            result.hidden = self._eager_forward(lora_requests, batch.token_ids, batch.seqs)
+        if batch.logits_rows:
+            rows = host_to_device(batch.logits_rows, torch.long, self.device)
+            result.logits = self.model.compute_logits(result.hidden[rows])
+        if timer is not None:
+            timer.forward_done()
+        if batch.prompt_rows:
+            rows = host_to_device(batch.prompt_rows, torch.long, self.device)
+            result.prompt_logits = self.model.compute_logits(result.hidden[rows])
+        return result
+
     def _prompt_logprobs(
-        self, hidden: torch.Tensor, prompt_rows: list[tuple[str, int, int, list[int], int]]
+        self, logits: torch.Tensor, prompt_rows: list[tuple[str, int, int, list[int], int]]
     ) -> dict[str, tuple[int, list[TokenLogprobs]]]:
-        """The prompt logprobs of every request that asked, from one logits call and one
-        device-to-host copy for the whole step."""
-        rows = [row for _, _, first, targets, _ in prompt_rows for row in range(first, first + len(targets))]
+        """The prompt logprobs of every request that asked, from the step's one logits call for
+        them and one device-to-host copy."""
         targets = [token for *_, chunk, _ in prompt_rows for token in chunk]
         wanted = [k for *_, chunk, k in prompt_rows for _ in chunk]
-        logits = self.model.compute_logits(hidden[host_to_device(rows, torch.long, self.device)])
         entries = compute_prompt_logprobs(logits, host_to_device(targets, torch.long, self.device), wanted)
         result, start = {}, 0
         for request_id, position, _, chunk, _ in prompt_rows:
@@ -426,16 +519,16 @@ class ModelRunner(ModelRunnerBase):
             return None
         return self.padded_decode.padded_size(num_tokens)
 
-    def _eager_forward(self, scheduled: list, token_ids: list[int], seqs: list[tuple[list[int], int, int]]) -> torch.Tensor:
+    def _eager_forward(
+        self, lora_requests: list[Any] | None, token_ids: list[int], seqs: list[tuple[list[int], int, int]]
+    ) -> torch.Tensor:
         """The forward of any step, its inputs laid out fresh."""
         layout = build_batch_layout(seqs, self.block_size, self.device)
         input_ids = host_to_device(token_ids, torch.long, self.device)
         metadata = self.backend.build_metadata(layout)
         lora_mapping = None
-        if self.lora_manager is not None:
-            lora_mapping = self.lora_manager.prepare_step(
-                [item.request.lora_request for item in scheduled], layout.query_lens_list
-            )
+        if self.lora_manager is not None and lora_requests is not None:
+            lora_mapping = self.lora_manager.prepare_step(lora_requests, layout.query_lens_list)
         with set_forward_context(self.backend, metadata, lora_mapping):
             return self.forward(input_ids, layout.positions)
 
@@ -452,6 +545,14 @@ class ModelRunner(ModelRunnerBase):
                 if r.request_id in self._last_hidden
             }
         return self.proposer.propose(batch)
+
+    def check_health(self) -> None:
+        if self.workers is not None:
+            self.workers.check()
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def request_finished(self, request: Request) -> None:
         self._last_hidden.pop(request.request_id, None)

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import signal
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -38,6 +40,9 @@ from pagedserve.server.tools import ToolOptions, check_tool_options, load_tool_p
 from pagedserve.server.tokenizer_pool import TokenizerPool
 
 logger = logging.getLogger(__name__)
+
+#: How long ``/health`` answers 503 after the engine failed before the server exits (status 1).
+ENGINE_DEATH_GRACE_SECONDS = 1.0
 router = APIRouter()
 
 
@@ -243,5 +248,20 @@ def run_server(
         timeout_keep_alive=limits.timeout_keep_alive,  # type: ignore[arg-type]
         **uvicorn_args,
     ))
+    threading.Thread(target=_stop_when_engine_dies, args=(engine, server), daemon=True).start()
     server.run(sockets=[sock])
+    if engine.error is not None:
+        raise SystemExit(f"the engine failed: {engine.error}")
+
+
+def _stop_when_engine_dies(engine: AsyncLLMEngine, server: Any) -> None:
+    """Once the engine loop has failed (``/health`` answers 503 from then on), shut the server
+    down so the process exits non-zero and a supervisor can restart it, as vLLM does."""
+    while not server.should_exit:
+        if engine.error is not None:
+            logger.error("the engine failed (%s); shutting the server down", engine.error)
+            time.sleep(ENGINE_DEATH_GRACE_SECONDS)
+            server.should_exit = True
+            return
+        time.sleep(0.2)
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from pagedserve.core.forward_context import BatchLayout, get_forward_context
+from pagedserve.distributed import parallel_state
+from pagedserve.distributed.shards import units_per_rank
 
 if TYPE_CHECKING:
     from pagedserve.core.config import EngineConfig
@@ -75,8 +77,33 @@ class AttentionBackend(ABC):
         """
 
 
+def heads_of_this_rank(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    """The query and key/value heads this tensor-parallel rank attends with: the query heads
+    split evenly, the key/value heads too, or (fewer of them than ranks) each replicated on
+    ``ranks / num_kv_heads`` ranks, so a rank's KV cache holds only its own heads."""
+    world = parallel_state.get_tp_world_size()
+    if world == 1:
+        return num_heads, num_kv_heads
+    if num_heads % world:
+        raise ValueError(
+            f"{num_heads} attention heads do not divide over tensor_parallel_size={world}; "
+            f"use a tensor_parallel_size that divides {num_heads}"
+        )
+    try:
+        return num_heads // world, units_per_rank(num_kv_heads, world)
+    except ValueError:
+        raise ValueError(
+            f"{num_kv_heads} key/value heads neither divide over tensor_parallel_size={world} nor "
+            f"divide it (so they could be replicated); use a tensor_parallel_size that "
+            f"{num_kv_heads} divides, or that divides {num_kv_heads}"
+        ) from None
+
+
 class Attention(nn.Module):
     """Multi-head attention over the paged KV cache; delegates to the engine's backend.
+
+    ``num_heads`` and ``num_kv_heads`` are the model's; under tensor parallelism the layer keeps
+    this rank's share of them (``heads_of_this_rank``).
 
     The call goes through the custom op ``pagedserve::attention``, so that ``torch.compile``
     treats attention as one opaque step (the backend's metadata is per-step Python state it
@@ -96,6 +123,7 @@ class Attention(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        num_heads, num_kv_heads = heads_of_this_rank(num_heads, num_kv_heads)
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be at least 1 (or None for full attention), got {sliding_window}")
         if logits_soft_cap is not None and logits_soft_cap <= 0:

@@ -1,4 +1,11 @@
-"""Token embedding and the LM head (which may share the embedding's weight)."""
+"""Token embedding and the LM head (which may share the embedding's weight), both split by
+vocabulary under tensor parallelism.
+
+Each rank holds ``ceil(vocab / ranks)`` consecutive rows (the last rank's tail is zero padding,
+as vLLM pads the vocabulary). The embedding looks up the ids in its rows, zeroes the others and
+sums over the ranks; the LM head scores the hidden states against its rows and gathers the ranks'
+logits in vocabulary order.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,32 @@ from torch import nn
 
 from pagedserve.core.layers.linear import default_weight_loader
 from pagedserve.core.layers.quantization import LinearMethod, QuantizationConfig
+from pagedserve.distributed import parallel_state
+from pagedserve.distributed.shards import CheckpointTensor, materialize
+
+
+class VocabShard:
+    """This rank's rows ``[start, start + rows)`` of a vocabulary of ``vocab_size``; the first
+    ``real_rows`` of them exist in the checkpoint."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.world_size = parallel_state.get_tp_world_size()
+        self.rows = -(-vocab_size // self.world_size)
+        self.start = parallel_state.get_tp_rank() * self.rows
+        self.real_rows = max(0, min(vocab_size - self.start, self.rows))
+
+    def load(self, param: torch.Tensor, loaded_weight: CheckpointTensor) -> None:
+        if self.world_size == 1:
+            default_weight_loader(param, loaded_weight)
+            return
+        if loaded_weight.shape[1:] != param.shape[1:]:
+            raise ValueError(
+                f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit a vocabulary "
+                f"shard of shape {tuple(param.shape)}"
+            )
+        param.data.zero_()
+        part = materialize(loaded_weight.narrow(0, self.start, self.real_rows))
+        param.data[: self.real_rows].copy_(part)
 
 
 class VocabEmbedding(nn.Module):
@@ -17,17 +50,24 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, scale: float | None = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.shard = VocabShard(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.shard.rows, hidden_size), requires_grad=False)
         self.scale = scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embeddings = F.embedding(input_ids, self.weight)
+        if self.shard.world_size == 1:
+            embeddings = F.embedding(input_ids, self.weight)
+        else:
+            local = input_ids - self.shard.start
+            outside = (local < 0) | (local >= self.shard.rows)
+            embeddings = F.embedding(local.masked_fill(outside, 0), self.weight)
+            embeddings = parallel_state.all_reduce(embeddings.masked_fill(outside[:, None], 0))
         if self.scale is not None:
             embeddings = embeddings * torch.tensor(self.scale, dtype=embeddings.dtype)
         return embeddings
 
-    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
-        default_weight_loader(param, loaded_weight)
+    def weight_loader(self, param: torch.Tensor, loaded_weight: CheckpointTensor) -> None:
+        self.shard.load(param, loaded_weight)
 
 
 class LMHead(nn.Module):
@@ -52,22 +92,26 @@ class LMHead(nn.Module):
         self.vocab_size = vocab_size
         self.soft_cap = soft_cap
         self.tied = tied_to is not None
+        self.shard = VocabShard(vocab_size)
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(self.shard.rows, hidden_size), requires_grad=False)
         self.quant_method: LinearMethod | None = (
             quant_config.get_lm_head_method(self) if quant_config is not None else None
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
-            logits = self.quant_method.apply(self, hidden_states, None).float()
+            logits = self.quant_method.apply(self, hidden_states, None)
         else:
-            logits = F.linear(hidden_states, self.weight).float()
+            logits = F.linear(hidden_states, self.weight)
+        if self.shard.world_size > 1:
+            logits = parallel_state.all_gather(logits, dim=-1)[..., : self.vocab_size]
+        logits = logits.float()
         if self.soft_cap is not None:
             logits = torch.tanh(logits / self.soft_cap) * self.soft_cap
         return logits
 
-    def weight_loader(self, param: torch.Tensor, loaded_weight: torch.Tensor) -> None:
-        default_weight_loader(param, loaded_weight)
+    def weight_loader(self, param: torch.Tensor, loaded_weight: CheckpointTensor) -> None:
+        self.shard.load(param, loaded_weight)

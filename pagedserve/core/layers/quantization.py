@@ -42,6 +42,12 @@ def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any]) -> None:
 class LinearMethod(ABC):
     """How one linear layer stores its weight and computes its output."""
 
+    #: The method's parameters can be split for tensor parallelism: ``create_weights`` is given
+    #: this rank's sizes, and every parameter split along the input or output features carries
+    #: ``input_dim`` / ``output_dim`` so the layer cuts the checkpoint tensor to fit. A format that
+    #: has not been checked for this stays False and is refused with tensor_parallel_size > 1.
+    supports_tensor_parallel: bool = False
+
     @abstractmethod
     def create_weights(
         self,
@@ -66,6 +72,8 @@ class LinearMethod(ABC):
 
 class UnquantizedLinearMethod(LinearMethod):
     """A dense ``[out, in]`` weight in the model dtype, as HF checkpoints store it."""
+
+    supports_tensor_parallel = True
 
     def create_weights(
         self,

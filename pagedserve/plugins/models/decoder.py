@@ -29,6 +29,7 @@ from pagedserve.core.layers.rotary import (
     rope_parameters_from_config,
     rotary_dim_from_config,
 )
+from pagedserve.distributed import parallel_state
 from pagedserve.plugins.models.checkpoint import load_checkpoint
 from pagedserve.plugins.moe import FusedMoE
 
@@ -120,6 +121,8 @@ class DecoderAttention(nn.Module):
             bias=options.qkv_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.qkv_proj",
+            parallel="column",
+            output_units=[num_heads, num_kv_heads, num_kv_heads],
         )
         self.o_proj = Linear(
             self.q_size,
@@ -127,6 +130,7 @@ class DecoderAttention(nn.Module):
             bias=options.o_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.o_proj",
+            parallel="row",
         )
         if options.qk_norm:
             self.q_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, options.norm_weight_offset)
@@ -146,7 +150,7 @@ class DecoderAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
         if self.qk_norm:
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
@@ -166,13 +170,13 @@ class DenseMLP(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(
             hidden_size,
             [intermediate_size, intermediate_size],
             bias=options.mlp_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.gate_up_proj",
+            parallel="column",
         )
         self.down_proj = Linear(
             intermediate_size,
@@ -180,11 +184,12 @@ class DenseMLP(nn.Module):
             bias=options.mlp_bias,
             quant_config=quant_config,
             prefix=f"{prefix}.down_proj",
+            parallel="row",
         )
         self.act_fn = ACT2FN[options.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate, up = self.gate_up_proj(x).split(self.gate_up_proj.output_sizes, dim=-1)
         return self.down_proj(self.act_fn(gate) * up)
 
 
@@ -200,6 +205,11 @@ class SparseMoEMLP(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
+        if parallel_state.get_tp_world_size() > 1:
+            raise ValueError(
+                f"{prefix}: mixture-of-experts layers are not split for tensor parallelism yet; "
+                "serve this model with tensor_parallel_size=1"
+            )
         self.gate = Linear(hidden_size, moe.num_experts, bias=False, prefix=f"{prefix}.gate")
         self.experts = FusedMoE(
             moe.num_experts,

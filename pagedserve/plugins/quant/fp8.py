@@ -77,7 +77,11 @@ def _scaled_mm(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 class Fp8LinearMethod(LinearMethod):
     """Holds, once loaded, ``weight`` float8 ``[N, K]``, ``weight_scale`` float32 ``[N]`` (per-tensor
-    scales are spread over their shard's rows) and ``input_scale`` (a float32 scalar or None)."""
+    scales are spread over their shard's rows) and ``input_scale`` (a float32 scalar or None).
+    Under tensor parallelism the weight splits like a dense one and the scales go whole to every
+    rank (a per-channel scale follows the output features of a column layer)."""
+
+    supports_tensor_parallel = True
 
     def __init__(self, serialized: bool, per_channel: bool = False, static_input: bool = False) -> None:
         self.serialized = serialized

@@ -36,10 +36,11 @@ ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
 class GPTQConfig(QuantizationConfig):
     name = "gptq"
 
-    def __init__(self, bits: int, group_size: int, zero_offset: int) -> None:
+    def __init__(self, bits: int, group_size: int, zero_offset: int, desc_act: bool = False) -> None:
         self.bits = bits
         self.group_size = group_size
         self.zero_offset = zero_offset
+        self.desc_act = desc_act
 
     @classmethod
     def from_config(cls, hf_quant_config: dict[str, Any]) -> GPTQConfig:
@@ -66,10 +67,10 @@ class GPTQConfig(QuantizationConfig):
             raise ValueError("GPTQ checkpoints with a quantized lm_head are not supported")
         if hf_quant_config.get("dynamic"):
             raise ValueError("GPTQ checkpoints with per-module overrides ('dynamic') are not supported")
-        return cls(bits, group_size, ZERO_OFFSETS[fmt])
+        return cls(bits, group_size, ZERO_OFFSETS[fmt], bool(hf_quant_config.get("desc_act")))
 
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod:
-        return GPTQLinearMethod(self.bits, self.group_size, self.zero_offset)
+        return GPTQLinearMethod(self.bits, self.group_size, self.zero_offset, self.desc_act)
 
 
 def load_g_idx(param: torch.Tensor, loaded: torch.Tensor, shard_index: int | None) -> None:
@@ -87,14 +88,29 @@ def load_g_idx(param: torch.Tensor, loaded: torch.Tensor, shard_index: int | Non
         )
 
 
+#: Why act-order checkpoints cannot be split over the input features.
+ACT_ORDER_ROW_PARALLEL = (
+    "{prefix}: this GPTQ checkpoint uses act-order (desc_act), whose quantization groups are "
+    "scattered over the input features, so a row-parallel layer's share of the features does not "
+    "hold whole groups; use tensor_parallel_size=1, or a checkpoint quantized without desc_act"
+)
+
+
+def row_sharded(layer: nn.Module) -> bool:
+    return getattr(layer, "parallel", "replicated") == "row" and getattr(layer, "tp_size", 1) > 1
+
+
 class GPTQLinearMethod(PackedIntLinearMethod):
-    def __init__(self, bits: int, group_size: int, zero_offset: int) -> None:
+    def __init__(self, bits: int, group_size: int, zero_offset: int, desc_act: bool = False) -> None:
         super().__init__(bits, group_size)
         self.zero_offset = zero_offset
+        self.desc_act = desc_act
 
     def create_weights(
         self, layer: nn.Module, input_size: int, output_sizes: list[int], params_dtype: torch.dtype
     ) -> None:
+        if self.desc_act and row_sharded(layer):
+            raise ValueError(ACT_ORDER_ROW_PARALLEL.format(prefix=layer.prefix))
         group = self.group_size_for(layer, input_size)
         self.check_output_sizes(layer, output_sizes)
         per = self.pack_factor
@@ -130,9 +146,13 @@ class GPTQLinearMethod(PackedIntLinearMethod):
         groups = zeros.shape[0]
         group = values.shape[0] // groups
         g_idx = layer.g_idx.data.long()
+        if row_sharded(layer):  # this rank's features number their groups from its first one
+            g_idx = g_idx - g_idx.min()
         contiguous = torch.arange(values.shape[0], device=g_idx.device) // group
         perm = None
         if not torch.equal(g_idx, contiguous):
+            if row_sharded(layer):  # act-order the config did not declare
+                raise ValueError(ACT_ORDER_ROW_PARALLEL.format(prefix=layer.prefix))
             perm = torch.argsort(g_idx, stable=True)
             if not torch.equal(g_idx[perm], contiguous):
                 raise ValueError(

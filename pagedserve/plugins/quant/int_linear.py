@@ -67,7 +67,13 @@ def packed_matmul(
 
 class PackedIntLinearMethod(LinearMethod):
     """The part of the AWQ and GPTQ methods that follows loading: ``set_packed_weights`` and
-    ``apply``. Subclasses register the checkpoint's own tensors in ``create_weights``."""
+    ``apply``. Subclasses register the checkpoint's own tensors in ``create_weights``.
+
+    Under tensor parallelism a column layer holds some output features of every group and a row
+    layer whole groups of input features (a group spanning all input features is whole on every
+    rank), so the layout is the same on each rank."""
+
+    supports_tensor_parallel = True
 
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits = bits
