@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import make_tiny_model
+from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.core.config import ConfigError
+from pagedserve.plugins.quant.quantize_cli import quantize
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,7 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+def model_dirs(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str | Path, Path]:
     folders = {}
     for name, (architecture, overrides, vocab) in MODELS.items():
         folder = tmp_path_factory.mktemp(name)
@@ -65,13 +67,14 @@ def engines(model_dirs: dict[str, Path]):
     the tests of one model come together)."""
     built: dict[tuple[str, int], LLM] = {}
 
-    def get(name: str, tp: int) -> LLM:
-        if (name, tp) not in built:
+    def get(name: str | Path, tp: int) -> LLM:
+        folder = str(model_dirs.get(name, name))
+        if (folder, tp) not in built:
             if tp > 1:
                 for key in [key for key in built if key[1] > 1]:
                     built.pop(key).engine.shutdown()
-            built[name, tp] = LLM(str(model_dirs[name]), tensor_parallel_size=tp, **ENGINE_ARGS)
-        return built[name, tp]
+            built[folder, tp] = LLM(folder, tensor_parallel_size=tp, **ENGINE_ARGS)
+        return built[folder, tp]
 
     yield get
     for llm in built.values():
@@ -136,6 +139,24 @@ def test_greedy_identical_to_one_rank_and_to_transformers(engines, model_dirs, n
     assert first == hf_greedy(model_dirs[name], PROMPTS)
     assert greedy(tp2) == first
     assert scheduler.prefix_cache_hits > hits
+
+
+def gptq_checkpoint(source: Path, out: Path, *flags: str) -> Path:
+    args = [str(source), str(out), "--method", "gptq", "--num-samples", "4", "--seq-len", "32", *flags]
+    result = CliRunner().invoke(quantize, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return out
+
+
+def test_gptq_checkpoint_shards(engines, tiny_model, tmp_path: Path) -> None:
+    """GPTQ without act-order: packed words, groups and zero points split by rank (groups of 32
+    over o_proj's 64 and down_proj's 128 input features per rank), greedy as on one rank."""
+    source = tiny_model(hidden_size=128, intermediate_size=256)
+    folder = gptq_checkpoint(source, tmp_path / "gptq", "--group-size", "32", "--no-desc-act")
+    assert greedy(engines(folder, 2)) == greedy(engines(folder, 1))
+    act_order = gptq_checkpoint(source, tmp_path / "gptq-act-order", "--group-size", "32", "--desc-act")
+    with pytest.raises(ConfigError, match=r"o_proj: this GPTQ checkpoint uses act-order \(desc_act\)"):
+        LLM(str(act_order), tensor_parallel_size=2, dtype="float32")
 
 
 # -- refused up front ---------------------------------------------------------------------------

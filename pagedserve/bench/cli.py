@@ -86,6 +86,13 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         plain = run_throughput(LLMEngine(engine_config_from_args(model, **plain_args)), workload)
         results["no_speculation_output_tokens_per_s"] = plain["output_tokens_per_s"]
         results["speedup_vs_no_speculation"] = results["output_tokens_per_s"] / plain["output_tokens_per_s"]
+    if engine.config.parallel.tensor_parallel_size > 1:
+        # The same workload on one rank, in the same run (the N-rank engine's cores freed first).
+        engine.shutdown()
+        one_rank_args = {**engine_args(kwargs), "tensor_parallel_size": 1}
+        one_rank = run_throughput(LLMEngine(engine_config_from_args(model, **one_rank_args)), workload)
+        results["one_rank_output_tokens_per_s"] = one_rank["output_tokens_per_s"]
+        results["speedup_vs_one_rank"] = results["output_tokens_per_s"] / one_rank["output_tokens_per_s"]
     rows: list[tuple[str, Any]] = []
     for name, value in results.items():
         rows += [(f"{name}.{k}", v) for k, v in value.items()] if isinstance(value, dict) else [(name, value)]

@@ -106,6 +106,9 @@ def summarize(
         accepted = sum(s.num_accepted_tokens for s in spec_steps)
         results["spec_mean_accepted_length"] = 1 + accepted / drafts
         results["spec_acceptance_rate"] = accepted / sum(s.num_draft_tokens for s in spec_steps)
+    world = engine.config.parallel.tensor_parallel_size
+    if world > 1 and steps:
+        results["tensor_parallel"] = communication(engine, steps, world)
     if isinstance(engine.runner, ModelRunner):
         # Each step attends over the whole context of each running request: what they hold after
         # it (requests that finished in the step not counted, so the bound errs fast).
@@ -153,3 +156,15 @@ def _decode_step_overheads(engine: LLMEngine, workload: list[BenchRequest], kind
         "seconds": statistics.median(s.step_seconds - s.forward_seconds for s in steps),
         "ratio": statistics.median((s.step_seconds - s.forward_seconds) / s.forward_seconds for s in steps),
     }
+
+
+def communication(engine: LLMEngine, steps: list[StepStats], world: int) -> dict[str, float]:
+    """The mean bytes a step moved between the ranks, from the model's shape and each step's
+    tokens and sampled rows (``distributed.communication``)."""
+    from pagedserve.distributed.communication import bytes_per_step
+
+    hf_config = engine.config.model.hf_config
+    dtype_bytes = engine.runner.dtype.itemsize  # type: ignore[attr-defined]
+    figures = [bytes_per_step(hf_config, world, s.num_scheduled_tokens, s.num_generation_tokens, dtype_bytes) for s in steps]
+    mean = {key: statistics.mean(f[key] for f in figures) for key in figures[0]}
+    return {"size": world, **{f"mean_{key}_per_step": value for key, value in mean.items()}}

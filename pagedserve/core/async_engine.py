@@ -291,7 +291,8 @@ class AsyncLLMEngine:
             stream._put_threadsafe(items)
 
     def _fail_pending(self) -> None:
-        error = EngineDeadError("the engine stopped before the request finished")
+        reason = f": {self.error}" if self.error is not None else ""
+        error = EngineDeadError(f"the engine stopped before the request finished{reason}")
         with self._lock:
             self._closed = True
         while True:  # adds that never reached the engine

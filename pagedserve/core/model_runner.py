@@ -460,8 +460,8 @@ class ModelRunner(ModelRunnerBase):
         meanwhile turns the collective's error into ``WorkerFailedError``."""
         if self.workers is None:
             return self._run_forward(batch, lora_requests, timer)
-        self.workers.send_step(batch)
         try:
+            self.workers.send_step(batch)
             return self._run_forward(batch, lora_requests, timer)
         except RuntimeError as exc:
             error = self.workers.error_for(exc)

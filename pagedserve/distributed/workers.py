@@ -92,6 +92,8 @@ def worker_main(config: EngineConfig, rank: int, init_method: str, errors: Any) 
             runner.run_forward(batch)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
+        errors.close()
+        errors.join_thread()  # the report must leave before the process does
         sys.stderr.flush()
         os._exit(1)  # no clean-up: the group is broken, and rank 0 handles the rest
     parallel_state.destroy_tensor_parallel()

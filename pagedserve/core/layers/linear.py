@@ -10,6 +10,7 @@ Model code names the role; the layer reads the rank from ``pagedserve.distribute
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -137,6 +138,8 @@ class Linear(nn.Module):
             if dim is None:
                 return materialize(loaded)
             units = self.output_units[shard_index or 0]
+            if getattr(param, "packed_dim", None) == dim:  # a word packs several features
+                units = math.gcd(units, loaded.shape[dim])
             try:
                 start, length = shard_of(loaded.shape[dim], units, self.tp_rank, self.tp_size)
             except ValueError as exc:
