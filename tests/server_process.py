@@ -67,7 +67,9 @@ class Server:
         return self.process.wait(timeout=60)
 
 
-def start_server(command: list[str], log: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_server(
+    command: list[str], log: Path, port: int, *extra: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> Server:
     """Run ``command`` with ENGINE_ARGS (and ``extra`` flags, and ``env`` added to the
     environment) on ``port``; return once ``/health`` answers 200."""
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in ENGINE_ARGS.items()]
@@ -78,7 +80,7 @@ def start_server(command: list[str], log: Path, port: int, *extra: str, env: dic
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     server = Server(process, port, log)
-    server.wait_ready()
+    server.wait_ready(timeout)
     return server
 
 
