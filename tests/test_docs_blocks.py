@@ -171,7 +171,7 @@ def test_data_blocks_parse(block: Block) -> None:
         json.loads(block.code)
 
 
-RUNNER = """
+RUNNER = r"""
 import json, sys, traceback
 failures = {}
 for name, code in json.load(sys.stdin):
@@ -179,7 +179,7 @@ for name, code in json.load(sys.stdin):
         exec(compile(code, name, "exec"), {"__name__": "__docs__"})
     except BaseException:
         failures[name] = traceback.format_exc(limit=-3)
-print(json.dumps(failures))
+print("\n@@failures@@" + json.dumps(failures))
 """
 
 
@@ -195,7 +195,7 @@ def run_python_blocks(blocks: list[Block], replace: dict[str, str] | None = None
     result = subprocess.run([sys.executable, "-c", RUNNER], input=json.dumps(payload), capture_output=True,
                             text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
-    failures = json.loads(result.stdout.strip().splitlines()[-1])
+    failures = json.loads(result.stdout.rpartition("@@failures@@")[2])
     assert not failures, "\n\n".join(f"{name}:\n{error}" for name, error in failures.items())
 
 
