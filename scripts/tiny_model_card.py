@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 ROLES = {
-    "tiny-py": "the default model of `pagedserve generate` and `pagedserve serve`",
+    "tiny-py": "the default model of `pagedserve generate`, `pagedserve chat` and `pagedserve serve`",
     "tiny-py-draft": "the draft model for speculative decoding with `pagedserve/tiny-py` (same tokenizer)",
     "tiny-py-mistral": "a Mistral variant with a sliding window shorter than its context, for testing that path",
 }
@@ -31,6 +31,8 @@ def _shape(settings: dict[str, Any], entry: dict[str, Any], context: int) -> str
 
 
 def _training(settings: dict[str, Any], entry: dict[str, Any], manifest: dict[str, Any], context: int) -> str:
+    if "distillation" in entry:
+        return _distillation(entry["distillation"])
     training = entry["training"]
     beta1, beta2 = settings["betas"]
     rows = [
@@ -46,7 +48,114 @@ def _training(settings: dict[str, Any], entry: dict[str, Any], manifest: dict[st
         ("training wall time", f"{training['wall_s'] / 60:.1f} min on a shared 2-core CPU "
                                f"(whole run, all three models and evaluation: {manifest['total_wall_s'] / 60:.1f} min)"),
     ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return table + _stage2(entry, context)
+
+
+def _stage2(entry: dict[str, Any], context: int) -> str:
+    if "stage2_settings" not in entry:
+        return ""
+    settings, training = entry["stage2_settings"], entry["stage2_training"]
+    rows = [
+        ("schedule", f"peak learning rate {settings['learning_rate']}, {settings['warmup_steps']} warm-up steps, "
+                     f"cosine to {settings['min_lr_ratio']}× peak"),
+        ("steps × batch", f"{training['steps']} × {settings['batch_size']} windows of {context} tokens "
+                          f"({training['tokens']:,} tokens), {settings['instruction_rows']} of the "
+                          f"{settings['batch_size']} rows from the instruction pairs "
+                          f"({settings['instruction_tokens']:,} tokens in all, loss on the answers only)"),
+        ("final training loss (mean of the last 50 steps)", training["final_train_loss"]),
+        ("training wall time", f"{training['wall_s'] / 60:.1f} min on a shared 2-core CPU, "
+                               f"{settings.get('torch_threads', 1)} torch threads"),
+    ]
+    if "initial_weights_sha256" in settings:
+        rows.append(("started from", f"the first stage's shipped fp16 weights (SHA-256 "
+                                     f"`{settings['initial_weights_sha256'][:16]}…`), optimizer state fresh"))
+    return (
+        "\n\nSecond stage (`TARGET_STAGE2`): continued from the first with a share of every batch made of "
+        "instruction pairs built from the training files (`scripts/instruction_pairs.py`): the user asks "
+        "for a function by its docstring (\"Write a function that returns ...\", \"Write a Python function "
+        "`name` that ...\" or the docstring's summary), the assistant answers with the function's source, "
+        "in the chat template.\n\n| | |\n|---|---|\n"
+        + "\n".join(f"| {name} | {value} |" for name, value in rows)
+    )
+
+
+def _distillation(report: dict[str, Any]) -> str:
+    rows = [
+        ("method", "distilled from `pagedserve/tiny-py` (`scripts/distill_draft.py`): cross-entropy against the "
+                   "target's next-token distribution at every position; half of each batch corpus windows, half "
+                   f"the target's own continuations ({report['generated_sequences']}, greedy and sampled)"),
+        ("initial weights", f"the previous (independently trained) draft, first {report['layers']} layer(s) kept"),
+        ("steps × batch", f"{report['steps']} × {report['batch_size']} windows of {report['context']} tokens, "
+                          f"peak learning rate {report['learning_rate']}, cosine to 0.1×"),
+        ("held-out greedy agreement with the target (8 windows)",
+         f"{report['held_out_greedy_agreement_before']} before, {report['held_out_greedy_agreement_after']} after"),
+        ("seed / torch threads", f"{report['seed']} / {report['torch_threads']}"),
+        ("wall time", f"{report['wall_s'] / 60:.1f} min training + {report['generation_s'] / 60:.1f} min "
+                      "generating the target's continuations, on a shared 2-core CPU"),
+        ("command", f"`{report['command']}`"),
+    ]
     return "\n".join(f"| {name} | {value} |" for name, value in rows)
+
+
+def _output_quality(entry: dict[str, Any]) -> str:
+    report = entry.get("output_eval")
+    if not report:
+        return ""
+    rows = []
+    for result in report["results"]:
+        setting = ", ".join(f"{k} {v}" for k, v in result["setting"].items())
+        rows.append(f"| {setting} | {result['completion_parses']:.0%} | {result['chat_parses']:.0%} | "
+                    f"{result['completion_repeats_a_line_3x']:.0%} | {result['chat_repeats_a_line_3x']:.0%} | "
+                    f"{result['chat_ends_by_itself']:.0%} |")
+    defaults = ", ".join(f"`{k}` {v}" for k, v in report["generation_config_defaults"].items())
+    return f"""
+### What it writes
+
+`scripts/eval_tiny_model.py`, through pagedserve: {report['prompts']} functions with docstrings from the
+held-out files (a fixed seed), asked two ways. *Completion*: the `def` line and the docstring,
+{report['completion_tokens']} new tokens at most, cut where the function ends; *chat*: "Write a function that
+<the docstring's summary>." in the chat template, {report['chat_tokens']} tokens at most, the answer as it
+comes. "Parses": `ast.parse` accepts it and it defines a function. "Loops": some line comes three times
+in a row (in the uncut completion, or the chat answer); a loop within a line (`name, name, name, ...`)
+shows instead as an answer that runs to the token limit rather than ending by itself. Sampled rows
+use per-request seeds.
+
+| sampling | completion parses | chat answer parses | completion loops | chat answer loops | chat answer ends by itself |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+The defaults in `generation_config.json` ({defaults}) are the sampling the server and `LLM.chat` use
+when a request does not set them; they were chosen from the rows above: of the settings under which
+at most 2% of chat answers loop, the one with the most chat answers that parse.
+"""
+
+
+def _acceptance(entry: dict[str, Any]) -> str:
+    runs = entry.get("acceptance")
+    if not runs:
+        return ""
+    rows = []
+    for name, run in runs.items():
+        settings = run.get("settings", {})
+        spec = settings.get("speculative_config") or {}
+        for key, result in run.get("results", {}).items():
+            if key.startswith("speculative_batch_"):
+                size = key.rsplit("_", 1)[1]
+                rows.append(f"| {settings.get('workload')} | {spec.get('num_speculative_tokens')} | {size} | "
+                            f"{result.get('mean_accepted_length', 0):.2f} | {result.get('acceptance_rate', 0):.2f} | "
+                            f"{run['results'].get('speedup_batch_' + size, 0):.2f}x |")
+    return f"""
+### Acceptance
+
+`pagedserve bench latency` (greedy, ignore_eos), `pagedserve/tiny-py` with this draft. Mean accepted
+length: tokens per verification step, the target's own one included; speed-up: tokens/s against
+no speculation in the same run, on a shared 2-core CPU (noisy: see docs/speculative.md).
+
+| workload | k | batch | mean accepted length | acceptance rate | speed-up |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
 
 
 def _quantization_note(settings: dict[str, Any]) -> str:
@@ -78,17 +187,15 @@ def _other_models(folder: str, manifest: dict[str, Any]) -> str:
 
 def _limitations(manifest: dict[str, Any]) -> str:
     models = manifest["models"]
-    target, draft = models["tiny-py"], models["tiny-py-draft"]
-    tokens = sorted(m["training"]["tokens"] for m in models.values())
-    epochs = [t / manifest["corpus"]["train_tokens"] for t in (tokens[0], tokens[-1])]
+    target = models["tiny-py"]
+    tokens = target["training"]["tokens"] + target.get("stage2_training", {}).get("tokens", 0)
     return (
-        f"Each model saw {tokens[0] / 1e6:.1f} to {tokens[-1] / 1e6:.1f} million tokens ({epochs[0]:.1f} to "
-        f"{epochs[1]:.1f} epochs) on one CPU thread. That is enough for a held-out perplexity far below the "
-        f"unigram baseline, not for size to pay off yet: the {draft['parameters'] / 1e6:.2f}M-parameter draft "
-        f"reaches {draft['evaluation']['held_out_perplexity']} against the {target['parameters'] / 1e6:.2f}M-"
-        f"parameter target's {target['evaluation']['held_out_perplexity']}; more training steps (`SPECS` in "
-        "the script) are what would set the target apart. The models complete Python code in the style of "
-        "the standard library; they follow no instructions and know no facts."
+        f"The target saw {tokens / 1e6:.1f} million tokens ({tokens / manifest['corpus']['train_tokens']:.1f} "
+        "epochs of the corpus) on a shared CPU: a model this small and this briefly trained writes code in "
+        "the style of the standard library, often plausible and often wrong; it follows only the one kind "
+        "of instruction it was trained on (\"write a function that ...\"), knows no facts, and its "
+        f"held-out perplexity ({target['evaluation']['held_out_perplexity']}) says how far it is from "
+        "predicting real code. The Mistral variant was trained on the corpus alone, from scratch."
     )
 
 
@@ -102,8 +209,18 @@ def _agreement_note(results: dict[str, Any]) -> str:
     )
 
 
-def render_card(folder: str, manifest: dict[str, Any], samples: list[tuple[str, str]], max_tokens: int) -> str:
-    """Markdown for ``folder``'s README.md; ``samples`` are (prompt, greedy completion) pairs."""
+def _what_it_does(folder: str, entry: dict[str, Any]) -> str:
+    if "stage2_settings" in entry:
+        return ("It completes Python code, and in the chat template it answers \"Write a function that "
+                "...\" with a function (trained on pairs made from the corpus); it knows nothing else.")
+    return ("It completes Python code; it knows nothing else, and its chat template only exists so that "
+            "the chat APIs have something to render.")
+
+
+def render_card(folder: str, manifest: dict[str, Any], samples: list[tuple[str, str]], max_tokens: int,
+                chat_samples: list[tuple[str, str]] = ()) -> str:
+    """Markdown for ``folder``'s README.md; ``samples`` are (prompt, greedy completion) pairs,
+    ``chat_samples`` (user message, greedy answer) pairs."""
     entry = manifest["models"][folder]
     settings = entry["settings"]
     corpus, evaluation, versions = manifest["corpus"], manifest["evaluation"], manifest["versions"]
@@ -112,6 +229,8 @@ def render_card(folder: str, manifest: dict[str, Any], samples: list[tuple[str, 
     unigram = manifest["tokenizer"]["unigram_perplexity"]
     sample_text = "\n\n".join(
         f"Prompt `{prompt!r}`:\n\n```python\n{prompt}{completion}\n```" for prompt, completion in samples
+    ) + "".join(
+        f"\n\nChat, user: {user!r}; the assistant's answer:\n\n```python\n{answer}\n```" for user, answer in chat_samples
     )
     return f"""---
 license: apache-2.0
@@ -123,8 +242,7 @@ pipeline_tag: text-generation
 # {entry['short_name']}
 
 A tiny `{entry['architecture']}` trained from scratch on the Python standard library, shipped
-inside pagedserve: {ROLES[folder]}. It completes Python code; it knows nothing else, and its
-chat template only exists so that the chat APIs have something to render.
+inside pagedserve: {ROLES[folder]}. {_what_it_does(folder, entry)}
 
 ```python
 from pagedserve import LLM, SamplingParams
@@ -176,12 +294,12 @@ training split, on the same tokenizer and the same predicted tokens.
 | this model | **{results['held_out_perplexity']}** |
 | unigram baseline | {unigram} |
 {_other_models(folder, manifest)}| first {evaluation['slice_windows']} windows only (checked by `tests/test_bundled_models.py`) | {results['slice_perplexity']} |
-{_agreement_note(results)}
+{_agreement_note(results)}{_output_quality(entry)}{_acceptance(entry)}
 ## Samples
 
 Greedy (temperature 0), at most {max_tokens} new tokens, generated by pagedserve itself with
 this folder's weights when the card was written, unedited. A model this small falls into loops
-after a few lines when decoding greedily; sampling (temperature 0.7 to 1) varies more. End a
+when decoding greedily more often than when sampling (see the measurements above). End a
 prompt at its last non-blank character: the tokenizer merges a newline with the indentation that
 follows it, so a prompt ending in a bare newline ends in the middle of a token.
 

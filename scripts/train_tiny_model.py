@@ -2,6 +2,7 @@
 
     python scripts/train_tiny_model.py            # tokenizer, three models, evaluation, cards
     python scripts/train_tiny_model.py --cards    # only the samples, model cards and manifest
+    python scripts/train_tiny_model.py --continue-target FOLDER   # only tiny-py's second stage
 
 One run trains a byte-level BPE tokenizer, then the target (``tiny-py``, Llama), its draft
 (``tiny-py-draft``) and a Mistral variant with a sliding window (``tiny-py-mistral``), each from
@@ -10,6 +11,14 @@ the fixed seed with the settings in ``SPECS``; evaluates each on the held-out sp
 pagedserve itself; and writes the weights (fp16 safetensors), ``manifest.json`` (settings, wall
 times, perplexities, checksums) and a model card per folder. Training is single-threaded by
 default (``--threads``): on a shared CPU, extra threads mostly wait on each other.
+
+The target is trained in two stages: the first on the corpus alone (``SPECS``), the second
+(``TARGET_STAGE2``) continues from it with a fresh warm-up and cosine, and a share of every batch
+made of instruction pairs built from the training files (``instruction_pairs.py``: the user asks
+for a function by its docstring, the assistant answers with the function, in the chat template;
+the loss is on the answer only), so that one model both completes code and follows "write a
+function that ...". ``--continue-target FOLDER`` runs only the second stage from a first-stage
+folder (its tokenizer is kept) and replaces only tiny-py's entry in the manifest.
 """
 
 from __future__ import annotations
@@ -72,6 +81,11 @@ SAMPLE_PROMPTS = (
     "def read_lines(path):\n    with open(path",
 )
 SAMPLE_TOKENS = 64
+CHAT_SAMPLES = ("Write a function that returns the factorial of n.",
+                "Write a function that reads a file and returns its lines.")
+#: The target's sampling defaults (generation_config.json), chosen by ``scripts/eval_tiny_model.py
+#: --sweep``: the fewest outputs that loop for the most answers that parse (the card has the table).
+GENERATION_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1.1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +110,8 @@ class ModelSpec:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     min_lr_ratio: float = 0.1
+    #: Rows of each batch drawn from the instruction pairs instead of the corpus.
+    instruction_rows: int = 0
 
 
 SPECS = (
@@ -114,6 +130,10 @@ SPECS = (
     ),
 )
 TARGET, DRAFT = "tiny-py", "tiny-py-draft"
+#: The target's second stage, continued from its first (the ``tiny-py`` entry of ``SPECS``).
+TARGET_STAGE2 = dataclasses.replace(
+    SPECS[0], steps=1600, learning_rate=1e-3, warmup_steps=50, instruction_rows=2
+)
 
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -177,8 +197,43 @@ def lr_factor(step: int, spec: ModelSpec) -> float:
     return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(model: PreTrainedModel, spec: ModelSpec, stream: torch.Tensor, steps: int) -> dict[str, Any]:
-    """AdamW on random windows of the training stream, bf16 autocast over fp32 weights."""
+def instruction_stream(tokenizer: PreTrainedTokenizerFast, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training files' instruction pairs in the chat template, shuffled at the fixed seed and
+    concatenated: (token ids, which of them are answer tokens, where each pair starts)."""
+    import random
+
+    from instruction_pairs import corpus_pairs, request
+
+    pairs = corpus_pairs(files)
+    random.Random(SEED).shuffle(pairs)
+    ids: list[int] = []
+    answer: list[bool] = []
+    starts: list[int] = []
+    for i, pair in enumerate(pairs):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": request(pair, i % 3)}], add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = tokenizer.backend_tokenizer.encode(prompt, add_special_tokens=False).ids
+        answer_ids = tokenizer.backend_tokenizer.encode(pair.source, add_special_tokens=False).ids + [EOS_ID]
+        starts.append(len(ids))
+        ids += prompt_ids + answer_ids
+        answer += [False] * len(prompt_ids) + [True] * len(answer_ids)
+    starts = [s for s in starts if s + CONTEXT <= len(ids)]
+    return torch.tensor(ids, dtype=torch.int32), torch.tensor(answer), torch.tensor(starts)
+
+
+def train(
+    model: PreTrainedModel,
+    spec: ModelSpec,
+    stream: torch.Tensor,
+    steps: int,
+    instructions: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    checkpoints: Path | None = None,
+) -> dict[str, Any]:
+    """AdamW on random windows of the training stream, bf16 autocast over fp32 weights; with
+    ``spec.instruction_rows``, that many rows of each batch are windows of the instruction stream
+    starting at a pair, with the loss on answer tokens only. Saves the weights to ``checkpoints``
+    every 200 steps when given."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -193,10 +248,18 @@ def train(model: PreTrainedModel, spec: ModelSpec, stream: torch.Tensor, steps: 
     model.train()
     start = time.perf_counter()
     for step in range(steps):
-        starts = torch.randint(0, len(stream) - CONTEXT, (spec.batch_size, 1), generator=generator)
+        corpus_rows = spec.batch_size - spec.instruction_rows
+        starts = torch.randint(0, len(stream) - CONTEXT, (corpus_rows, 1), generator=generator)
         batch = stream[starts + offsets].long()
+        labels = batch
+        if spec.instruction_rows:
+            ids, answer, pair_starts = instructions
+            chosen = pair_starts[torch.randint(0, len(pair_starts), (spec.instruction_rows,), generator=generator)]
+            rows = ids[chosen[:, None] + offsets].long()
+            batch = torch.cat([batch, rows])
+            labels = torch.cat([labels, torch.where(answer[chosen[:, None] + offsets], rows, -100)])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=batch, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
@@ -208,6 +271,8 @@ def train(model: PreTrainedModel, spec: ModelSpec, stream: torch.Tensor, steps: 
             rate = (step + 1) * spec.batch_size * CONTEXT / elapsed
             print(f"{spec.folder} step {step:5d} loss {loss.item():.3f} lr {schedule.get_last_lr()[0]:.2e} "
                   f"{elapsed:7.0f}s {rate:6.0f} tok/s", flush=True)
+        if checkpoints and (step + 1) % 200 == 0:
+            torch.save(model.state_dict(), checkpoints / f"step{step + 1}.pt")
     model.eval()
     tail = losses[-50:]
     return {
@@ -299,10 +364,17 @@ def train_all(out: Path, max_steps: int | None) -> dict[str, Any]:
         folder = out / spec.folder
         model = build_model(spec)
         record = train(model, spec, stream, min(spec.steps, max_steps or spec.steps))
+        stage2 = None
+        if spec.folder == TARGET:
+            instructions = instruction_stream(tokenizer, train_files)
+            stage2 = train(model, TARGET_STAGE2, stream, min(TARGET_STAGE2.steps, max_steps or TARGET_STAGE2.steps),
+                           instructions)
         shutil.rmtree(folder, ignore_errors=True)
         model.to(torch.float16).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         make_tokenizer_config_portable(folder)
+        if stage2:
+            write_generation_defaults(folder)
         shipped = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         evaluation = {
             "held_out_perplexity": round(perplexity(shipped, windows), 3),
@@ -321,9 +393,63 @@ def train_all(out: Path, max_steps: int | None) -> dict[str, Any]:
             "training": record,
             "evaluation": evaluation,
         }
+        if stage2:
+            manifest["models"][spec.folder].update(stage2_record(stage2, len(instructions[0])))
         print(spec.folder, json.dumps(manifest["models"][spec.folder]["evaluation"]), flush=True)
     manifest["total_wall_s"] = round(time.perf_counter() - run_start, 1)
     return manifest
+
+
+def stage2_record(record: dict[str, Any], instruction_tokens: int) -> dict[str, Any]:
+    settings = dataclasses.asdict(TARGET_STAGE2)
+    settings["instruction_tokens"] = instruction_tokens
+    settings["torch_threads"] = torch.get_num_threads()
+    settings["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return {"stage2_settings": settings, "stage2_training": record}
+
+
+def continue_target(first_stage: Path, out: Path, manifest: dict[str, Any], max_steps: int | None,
+                    checkpoints: Path | None) -> None:
+    """Only the target's second stage, from the first-stage folder ``first_stage`` (whose
+    tokenizer files are copied unchanged); replaces the target's folder and manifest entry."""
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(first_stage)
+    model = AutoModelForCausalLM.from_pretrained(first_stage, dtype=torch.float32)
+    train_files, held_out_files = split_files()
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    stream = torch.tensor(token_stream(encode, train_files, BOS_ID, EOS_ID), dtype=torch.int32)
+    windows = eval_windows(token_stream(encode, held_out_files, BOS_ID, EOS_ID), CONTEXT)
+    instructions = instruction_stream(tokenizer, train_files)
+    print(f"instruction stream {len(instructions[0])} tokens, {len(instructions[2])} pairs", flush=True)
+    steps = min(TARGET_STAGE2.steps, max_steps or TARGET_STAGE2.steps)
+    record = train(model, TARGET_STAGE2, stream, steps, instructions, checkpoints)
+    folder = out / TARGET
+    keep = {name: (first_stage / name).read_bytes() for name in
+            ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")}
+    shutil.rmtree(folder, ignore_errors=True)
+    model.to(torch.float16).save_pretrained(folder)
+    for name, data in keep.items():
+        (folder / name).write_bytes(data)
+    write_generation_defaults(folder)
+    shipped = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    entry = manifest["models"][TARGET]
+    entry["evaluation"] = {
+        "held_out_perplexity": round(perplexity(shipped, windows), 3),
+        "slice_perplexity": round(perplexity(shipped, windows[:SLICE_WINDOWS]), 5),
+    }
+    entry.update(stage2_record(record, len(instructions[0])))
+    entry["stage2_settings"]["initial_weights_sha256"] = sha256(first_stage / "model.safetensors")
+    print(TARGET, json.dumps(entry["evaluation"]), flush=True)
+
+
+def write_generation_defaults(folder: Path) -> None:
+    """``GENERATION_DEFAULTS`` into the folder's generation_config.json."""
+    path = folder / "generation_config.json"
+    config = {**json.loads(path.read_text()), **GENERATION_DEFAULTS, "do_sample": True}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def make_tokenizer_config_portable(folder: Path) -> None:
@@ -357,7 +483,12 @@ def write_cards_and_checksums(out: Path, manifest: dict[str, Any]) -> None:
         llm = LLM(str(out / folder))
         outputs = llm.generate(list(SAMPLE_PROMPTS), params, use_tqdm=False)
         samples = [(p, o.outputs[0].text) for p, o in zip(SAMPLE_PROMPTS, outputs)]
-        (out / folder / "README.md").write_text(render_card(folder, manifest, samples, SAMPLE_TOKENS))
+        chat_samples = []
+        if folder == TARGET:
+            answers = llm.chat([[{"role": "user", "content": m}] for m in CHAT_SAMPLES],
+                               SamplingParams(temperature=0.0, max_tokens=2 * SAMPLE_TOKENS), use_tqdm=False)
+            chat_samples = [(m, o.outputs[0].text) for m, o in zip(CHAT_SAMPLES, answers)]
+        (out / folder / "README.md").write_text(render_card(folder, manifest, samples, SAMPLE_TOKENS, chat_samples))
         files = sorted(p for p in (out / folder).iterdir() if p.is_file())
         for file in files:
             file.chmod(0o644)  # save_pretrained leaves the weights owner-only; installs must read them
@@ -371,11 +502,22 @@ def main() -> None:
     parser.add_argument("--cards", action="store_true", help="only regenerate samples, cards and checksums")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while training")
     parser.add_argument("--max-steps", type=int, help="cap every model's steps (a smoke test, not for shipping)")
+    parser.add_argument("--continue-target", type=Path, metavar="FOLDER",
+                        help="only the target's second stage, from this first-stage folder")
+    parser.add_argument("--checkpoints", type=Path, help="save the second stage's weights here every 200 steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     manifest_path = args.out / "manifest.json"
     if args.cards:
         manifest = json.loads(manifest_path.read_text())
+    elif args.continue_target:
+        manifest = json.loads((ASSETS_DIR / "manifest.json").read_text())
+        continue_target(args.continue_target, args.out, manifest, args.max_steps, args.checkpoints)
+        manifest["stage2_command"] = f"python scripts/train_tiny_model.py --continue-target {args.continue_target.name}"
+        args.out.mkdir(parents=True, exist_ok=True)
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"wrote {args.out / TARGET} and {manifest_path}; cards and checksums: --cards", flush=True)
+        return
     else:
         check_draft_cost()
         manifest = train_all(args.out, args.max_steps)

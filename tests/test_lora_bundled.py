@@ -60,7 +60,10 @@ def test_it_matches_transformers_and_peft(llm: LLM) -> None:
     model = PeftModel.from_pretrained(base, str(FOLDER)).eval()
     prompt = llm.get_tokenizer().encode("import unittest\n\n\nclass TestList(unittest.TestCase):")
     with torch.no_grad():
+        # Plain greedy: the model's generation_config.json has sampling defaults (a repetition
+        # penalty among them) that transformers would otherwise apply.
         expected = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                                  repetition_penalty=1.0, top_p=1.0, temperature=1.0,
                                   attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
     got = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0.0, max_tokens=16),
                        lora_request=LoRARequest("tests", 1, ADAPTER), use_tqdm=False)[0].outputs[0].token_ids
