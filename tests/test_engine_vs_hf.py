@@ -53,7 +53,10 @@ def hf_greedy(model_dir: Path, prompts: list[str], max_tokens: int) -> list[list
     results = []
     for prompt in prompts:
         ids = torch.tensor([tokenizer.encode(prompt)])
-        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+        # Plain greedy: a generation_config.json's sampling defaults (the bundled model's repetition
+        # penalty) would otherwise apply.
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, repetition_penalty=1.0, top_p=1.0,
+                             temperature=1.0, attention_mask=torch.ones_like(ids))
         results.append(out[0, ids.shape[1] :].tolist())
     return results
 
