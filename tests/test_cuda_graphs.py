@@ -114,3 +114,16 @@ def test_cuda_graph_settings_are_validated_and_explained() -> None:
     assert "torch_ref" in cuda_graph_reason(_config(), cuda, HostPlanned())
     assert "enable_lora" in cuda_graph_reason(_config(enable_lora=True), cuda, Capturable())
     assert "cpu" in cuda_graph_reason(_config(), torch.device("cpu"), Capturable())
+
+
+def test_a_capture_failure_says_to_start_eagerly(tiny_model, monkeypatch) -> None:
+    from pagedserve.core import model_runner
+    from pagedserve.core.cuda_graphs import PaddedDecode
+
+    def fail(self) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(model_runner, "cuda_graph_reason", lambda config, device, backend: None)
+    monkeypatch.setattr(PaddedDecode, "capture_all", fail)
+    with pytest.raises(ConfigError, match="stream is capturing.*--enforce-eager"):
+        LLM(str(tiny_model()), dtype="float32", max_num_seqs=4)

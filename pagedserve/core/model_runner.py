@@ -232,7 +232,13 @@ class ModelRunner(ModelRunnerBase):
             )
             if self.cuda_graph_reason is None:
                 with phase("CUDA graph capture"):
-                    self.padded_decode.capture_all()
+                    try:
+                        self.padded_decode.capture_all()
+                    except RuntimeError as exc:  # an op that cannot be captured (a host sync)
+                        raise ConfigError(
+                            f"capturing the decode step as a CUDA graph failed ({exc}); "
+                            "start with enforce_eager=True (--enforce-eager)"
+                        ) from exc
         elif self.device.type == "cuda":
             logger.info("decode steps run eagerly: %s", self.cuda_graph_reason)
 
