@@ -9,7 +9,8 @@
 # Writes to $OUT (or benchmarks/results/gpu-check-DATE-COMMIT/): gpu-check.log (everything
 # printed), gpu-check.json (device, date, commit, versions, each step's status and seconds, and
 # the figures of every step that wrote JSON) and one JSON per benchmark. Each step has a time
-# limit, and a failed step does not stop the others; the exit status is 1 if any step failed.
+# limit (on a GPU 420 s together, so the whole check ends within 8 minutes), and a failed step
+# does not stop the others; the exit status is 1 if any step failed.
 # PYTHON picks the interpreter (default python3); COMMIT names the commit where .git is absent.
 # The dry run's kernels run under Triton's interpreter, its CUDA tests are only collected, and
 # its limits are six times the GPU's (a loaded CI machine).
@@ -79,17 +80,17 @@ else
     dtype=bfloat16
     "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU: use --dry-run'" || exit 1
     nvidia-smi || true
-    step cuda-tests 170 "$py" -m pytest -m cuda -q -p no:cacheprovider -x --durations=10 $cuda_tests
-    step attention 70 "$py" benchmarks/attention.py --quick --dtype bfloat16 --out "$out/attention.json"
-    step quantization 80 "$py" benchmarks/quantization.py --decode --skip-quality --steps 10 \
+    step cuda-tests 140 "$py" -m pytest -m cuda -q -p no:cacheprovider -x --durations=10 $cuda_tests
+    step attention 55 "$py" benchmarks/attention.py --quick --dtype bfloat16 --out "$out/attention.json"
+    step quantization 60 "$py" benchmarks/quantization.py --decode --skip-quality --steps 10 \
         --out "$out/quantization.json"
-    step moe-kernel 40 "$py" benchmarks/moe_kernel.py --out "$out/moe-kernel.json"
+    step moe-kernel 25 "$py" benchmarks/moe_kernel.py --out "$out/moe-kernel.json"
     sizes=(--max-model-len 2048 --max-num-seqs 128 --num-prompts 128 --lengths fixed:512,256 --sequential-prompts 2)
     latency=(--input-len 512 --output-len 128 --num-iters 3 --num-iters-warmup 1)
 fi
-step throughput-8b 150 "$py" -m pagedserve --log-level INFO bench throughput --model "$shape" --load-format dummy \
+step throughput-8b 100 "$py" -m pagedserve --log-level INFO bench throughput --model "$shape" --load-format dummy \
     --dtype $dtype "${sizes[@]}" --baseline hf --output-json "$out/throughput.json"
-step latency-batch-1 50 "$py" -m pagedserve --log-level WARNING bench latency --model "$shape" --load-format dummy \
+step latency-batch-1 40 "$py" -m pagedserve --log-level WARNING bench latency --model "$shape" --load-format dummy \
     --dtype $dtype --batch-size 1 "${latency[@]}" --output-json "$out/latency.json"
 rm -rf "$shape"
 

@@ -17,8 +17,9 @@ def load_hf_model(model_path: str, dtype: torch.dtype, device: str, random_weigh
     ``load_format="dummy"``) built from its config alone, as no checkpoint is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if random_weights:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
+    if random_weights:  # initialised where it runs: an 8B shape's random init takes a minute on a CPU
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     return model.to(device).eval()
