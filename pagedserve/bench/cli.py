@@ -90,7 +90,10 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         # The same workload on one rank, in the same run (the N-rank engine's cores freed first).
         engine.shutdown()
         one_rank_args = {**engine_args(kwargs), "tensor_parallel_size": 1}
-        one_rank = run_throughput(LLMEngine(engine_config_from_args(model, **one_rank_args)), workload)
+        one_rank_engine = LLMEngine(engine_config_from_args(model, **one_rank_args))
+        if warmup:
+            run_throughput(one_rank_engine, warmup)
+        one_rank = run_throughput(one_rank_engine, workload)
         results["one_rank_output_tokens_per_s"] = one_rank["output_tokens_per_s"]
         results["speedup_vs_one_rank"] = results["output_tokens_per_s"] / one_rank["output_tokens_per_s"]
     rows: list[tuple[str, Any]] = []

@@ -33,6 +33,8 @@ class TensorParallelState:
 _state = TensorParallelState()
 #: Set in a worker process before its runner is built (rank 0's runner starts the workers).
 _worker_process = False
+#: The process's intra-op threads before this rank took its share of the cores (CPU only).
+_threads_before: int | None = None
 
 
 def get_tp_rank() -> int:
@@ -67,7 +69,9 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device_ty
     if device_type == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     else:  # the ranks of a machine share its cores, rather than each taking all of them
-        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+        global _threads_before
+        _threads_before = torch.get_num_threads()
+        torch.set_num_threads(max(1, _threads_before // world_size))
     dist.init_process_group(
         backend_for(device_type),
         init_method=init_method,
@@ -79,17 +83,26 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device_ty
     _state = TensorParallelState(rank, world_size, cpu_group)
 
 
+def _restore_threads() -> None:
+    global _threads_before
+    if _threads_before is not None:
+        torch.set_num_threads(_threads_before)
+        _threads_before = None
+
+
 def destroy_tensor_parallel() -> None:
     global _state
     if dist.is_initialized():
         dist.destroy_process_group()
     _state = TensorParallelState()
+    _restore_threads()
 
 
 def forget_tensor_parallel() -> None:
     """Leave a group a rank died in: drop it without the collective a clean destroy may need."""
     global _state
     _state = TensorParallelState()
+    _restore_threads()
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the group is broken already; nothing left to release
