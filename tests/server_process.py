@@ -80,7 +80,12 @@ def start_server(
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     server = Server(process, port, log)
-    server.wait_ready(timeout)
+    try:
+        server.wait_ready(timeout)
+    except BaseException:  # a server that did not come up is not left running
+        process.kill()
+        process.wait()
+        raise
     return server
 
 
