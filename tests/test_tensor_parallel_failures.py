@@ -1,5 +1,6 @@
-"""A tensor-parallel server (two ranks over gloo) when a rank dies, and when it is told to stop:
-a real ``pagedserve serve -tp 2`` process and its worker, found through psutil."""
+"""Tensor parallelism across processes: a real ``pagedserve serve -tp 2`` server (two ranks over
+gloo, its worker found through psutil) when a rank dies and when it is told to stop, and two
+"machines" on loopback (a headless node in another process)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,30 @@ def test_sigterm_stops_every_rank(tiny_model, tmp_path: Path) -> None:
     assert worker_of(server) in children
     assert server.stop() == 0
     assert wait_until_gone(children) == []
+
+
+def test_two_machines_on_loopback(tiny_model) -> None:
+    """``--nnodes 2``: node 1 runs ``serve --headless`` (rank 1) in another process, node 0 is this
+    process (rank 0); the ranks meet at --master-port, greedy tokens equal one rank's, and the
+    headless node exits 0 when rank 0 shuts down."""
+    import subprocess
+
+    from pagedserve import LLM, SamplingParams
+
+    model, port = str(tiny_model()), free_port()
+    node1 = subprocess.Popen([
+        sys.executable, "-m", "pagedserve", "serve", model, "-tp", "2", "--nnodes", "2", "--node-rank", "1",
+        "--master-port", str(port), "--dtype", "float32", "--headless",
+    ])
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=12)
+        prompts = ["def f(x):", "import os"]
+        llm = LLM(model, dtype="float32", tensor_parallel_size=2, nnodes=2, node_rank=0, master_port=port)
+        two = [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+        llm.engine.shutdown()
+        assert node1.wait(timeout=BOUND_SECONDS) == 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    one = LLM(model, dtype="float32").generate(prompts, params, use_tqdm=False)
+    assert two == [out.outputs[0].token_ids for out in one]
