@@ -146,19 +146,22 @@ def cli(log_level: str) -> None:
 @engine_options
 @click.argument("prompt")
 @click.option("--max-tokens", type=int, default=64)
-@click.option("--temperature", type=float, default=0.0)
-@click.option("--top-p", type=float, default=1.0)
-@click.option("--top-k", type=int, default=0)
+@click.option("--temperature", type=float, default=None, help="Default: the model's generation_config (0 = greedy).")
+@click.option("--top-p", type=float, default=None, help="Default: the model's generation_config.")
+@click.option("--top-k", type=int, default=None, help="Default: the model's generation_config.")
+@click.option("--repetition-penalty", type=float, default=None, help="Default: the model's generation_config.")
 @click.option("--sampling-seed", type=int, default=None, help="Seed of this request's sampling.")
 @click.option("--stop", multiple=True, help="A stop string (repeatable).")
-def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-             sampling_seed: int | None, stop: tuple[str, ...], model: str | None, **kwargs: Any) -> None:
-    """Complete PROMPT, printing tokens as they come."""
+def generate(prompt: str, max_tokens: int, temperature: float | None, top_p: float | None, top_k: int | None,
+             repetition_penalty: float | None, sampling_seed: int | None, stop: tuple[str, ...],
+             model: str | None, **kwargs: Any) -> None:
+    """Complete PROMPT, printing tokens as they come. Sampling flags not given take the model's
+    generation_config.json defaults, as the server and vLLM do."""
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.engine import LLMEngine
     from pagedserve.core.loader import ModelLoadError
     from pagedserve.core.plugins import PluginError
-    from pagedserve.core.sampling_params import SamplingParams
+    from pagedserve.core.sampling_params import SamplingParams, generation_config_defaults
 
     model = model or default_model()
     if model is None:
@@ -167,8 +170,10 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
         kwargs["max_num_seqs"] = 1
     try:
         engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                top_k=top_k, seed=sampling_seed, stop=list(stop))
+        given = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty}
+        defaults = {"temperature": 0.0, **generation_config_defaults(engine.generation_config)}  # else greedy
+        params = SamplingParams(**{**defaults, **{k: v for k, v in given.items() if v is not None}},
+                                max_tokens=max_tokens, seed=sampling_seed, stop=list(stop))
         engine.add_request("cli", prompt, params)
     except (ValueError, ModelLoadError, PluginError) as exc:
         raise click.ClickException(str(exc)) from exc

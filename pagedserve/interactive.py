@@ -65,13 +65,12 @@ class LocalBackend:
         from pagedserve.core.engine import LLMEngine
         from pagedserve.core.loader import ModelLoadError
         from pagedserve.core.plugins import PluginError
-        from pagedserve.core.sampling_params import RequestOutputKind, SamplingParams
-        from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS
+        from pagedserve.core.sampling_params import RequestOutputKind, SamplingParams, generation_config_defaults
 
         try:
             self.engine = LLMEngine(engine_config_from_args(model, **engine_kwargs))
             # As the server does: the model's generation_config.json sampling defaults, then the flags.
-            defaults = {k: v for k, v in self.engine.generation_config.items() if k in GENERATION_CONFIG_FIELDS}
+            defaults = generation_config_defaults(self.engine.generation_config)
             given = {k: v for k, v in sampling.items() if v is not None}
             self.params = SamplingParams(**{**defaults, **given}, output_kind=RequestOutputKind.DELTA)
         except (ValueError, ModelLoadError, PluginError) as exc:

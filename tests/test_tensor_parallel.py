@@ -141,8 +141,8 @@ def test_greedy_identical_to_one_rank_and_to_transformers(engines, model_dirs, n
     assert scheduler.prefix_cache_hits > hits
 
 
-def gptq_checkpoint(source: Path, out: Path, *flags: str) -> Path:
-    args = [str(source), str(out), "--method", "gptq", "--num-samples", "4", "--seq-len", "32", *flags]
+def quantized_checkpoint(source: Path, out: Path, method: str, *flags: str) -> Path:
+    args = [str(source), str(out), "--method", method, "--num-samples", "4", "--seq-len", "32", *flags]
     result = CliRunner().invoke(quantize, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
@@ -152,11 +152,23 @@ def test_gptq_checkpoint_shards(engines, tiny_model, tmp_path: Path) -> None:
     """GPTQ without act-order: packed words, groups and zero points split by rank (groups of 32
     over o_proj's 64 and down_proj's 128 input features per rank), greedy as on one rank."""
     source = tiny_model(hidden_size=128, intermediate_size=256)
-    folder = gptq_checkpoint(source, tmp_path / "gptq", "--group-size", "32", "--no-desc-act")
+    folder = quantized_checkpoint(source, tmp_path / "gptq", "gptq", "--group-size", "32", "--no-desc-act")
     assert greedy(engines(folder, 2)) == greedy(engines(folder, 1))
-    act_order = gptq_checkpoint(source, tmp_path / "gptq-act-order", "--group-size", "32", "--desc-act")
+    act_order = quantized_checkpoint(source, tmp_path / "gptq-act-order", "gptq", "--group-size", "32", "--desc-act")
     with pytest.raises(ConfigError, match=r"o_proj: this GPTQ checkpoint uses act-order \(desc_act\)"):
         LLM(str(act_order), tensor_parallel_size=2, dtype="float32")
+
+
+@pytest.mark.parametrize(
+    ("method", "flags"),
+    [("awq", ("--group-size", "32")), ("fp8", ("--fp8-scales", "channel")), ("fp8", ("--fp8-scales", "tensor"))],
+)
+def test_awq_and_fp8_checkpoints_shard(engines, tiny_model, tmp_path: Path, method: str, flags: tuple[str, ...]) -> None:
+    """AWQ (packed output words, groups over the row-parallel inputs) and FP8 (per-channel scales
+    split with the rows, a per-tensor scale replicated): greedy as on one rank."""
+    source = tiny_model(hidden_size=128, intermediate_size=256)
+    folder = quantized_checkpoint(source, tmp_path / method, method, *flags)
+    assert greedy(engines(folder, 2)) == greedy(engines(folder, 1))
 
 
 # -- refused up front ---------------------------------------------------------------------------

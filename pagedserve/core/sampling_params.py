@@ -11,6 +11,13 @@ from typing import Any
 #: Temperatures below this are greedy decoding.
 GREEDY_EPSILON = 1e-5
 MAX_LOGPROBS = 20
+#: Sampling fields a model's generation_config.json may give defaults for (as vLLM applies them).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a model's generation_config.json gives (the fields above it sets)."""
+    return {name: generation_config[name] for name in GENERATION_CONFIG_FIELDS if name in generation_config}
 
 
 def _check_range(name: str, value: float, low: float, high: float, text: str) -> None:

@@ -23,6 +23,7 @@ from pagedserve import __version__
 from pagedserve.core.async_engine import AsyncLLMEngine
 from pagedserve.core.config import EngineConfig
 from pagedserve.core.plugins import get_plugin_manager
+from pagedserve.core.sampling_params import generation_config_defaults
 from pagedserve.core.tokenizer import load_tokenizer
 from pagedserve.server import chat, completions, tokens
 from pagedserve.server.auth import bearer, require_api_key
@@ -32,7 +33,7 @@ from pagedserve.server.limits import BodySizeLimitMiddleware, ServerLimits
 from pagedserve.server.listen import bind_socket
 from pagedserve.server.middleware import CORSOptions, install_middleware, uvicorn_log_config
 from pagedserve.server.openapi import ERROR_RESPONSES, install_openapi
-from pagedserve.server.protocol import GENERATION_CONFIG_FIELDS, ModelCard, ModelList
+from pagedserve.server.protocol import ModelCard, ModelList
 from pagedserve.server.lora import ServedAdapters
 from pagedserve.server.lora import router as lora_router
 from pagedserve.server.serving import ServerState, get_state
@@ -151,9 +152,7 @@ def create_app(
         max_model_len=llm_engine.max_model_len,
         max_num_seqs=config.scheduler.max_num_seqs,
         vocab_size=llm_engine.vocab_size,
-        sampling_defaults={
-            k: generation_config[k] for k in GENERATION_CONFIG_FIELDS if k in generation_config
-        },
+        sampling_defaults=generation_config_defaults(generation_config),
         registry=registry,
         limits=limits,
         api_key=api_key,

@@ -15,11 +15,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from pagedserve.core.beam_search import BeamSearchParams
-from pagedserve.core.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams, StructuredOutputsParams
+from pagedserve.core.sampling_params import (
+    GENERATION_CONFIG_FIELDS,
+    MAX_LOGPROBS,
+    RequestOutputKind,
+    SamplingParams,
+    StructuredOutputsParams,
+)
 
 TokenId = Annotated[int, Field(strict=True, ge=0)]
-#: Sampling fields a model's generation_config.json may give defaults for (as vLLM applies them).
-GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 #: Above this the distribution is as good as uniform; vLLM has no bound, OpenAI's is 2.
 MAX_TEMPERATURE = 100.0
 
