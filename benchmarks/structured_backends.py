@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from pagedserve.assets import DEFAULT_MODEL, bundled_model_path
+from pagedserve.bench.report import git_commit
 from pagedserve.core.tokenizer import load_tokenizer
 
 BATCH = 64
@@ -181,13 +181,6 @@ def _figures(tokenizer_s: float, cold: list[float], cached_s: float, fill: list[
     }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="cold compiles of distinct schemas (median)")
@@ -209,7 +202,7 @@ def main() -> None:
         print(f"{name:24}{cells}")
     record = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch_threads": 1},
-        "commit": _commit(),
+        "commit": git_commit() or "unknown",
         "model": DEFAULT_MODEL,
         "vocab_size": vocab_size,
         "batch": BATCH,

@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 
 from pagedserve import LLM, SamplingParams, StructuredOutputsParams
 from pagedserve.assets import DEFAULT_MODEL
+from pagedserve.bench.report import git_commit
 
 RESULTS = Path(__file__).parent / "results"
 NUM_REQUESTS = 64
@@ -73,13 +73,6 @@ def _schema(index: int) -> dict[str, Any]:
     return schema
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -120,7 +113,7 @@ def main() -> None:
     record = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch_threads": torch.get_num_threads()},
-        "commit": _commit(),
+        "commit": git_commit() or "unknown",
         "model": DEFAULT_MODEL,
         "dtype": args.dtype,
         "num_requests": NUM_REQUESTS,

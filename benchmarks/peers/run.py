@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from pagedserve.bench.report import git_commit
 from pagedserve.bench.workload import make_workload
 
 HERE = Path(__file__).resolve().parent
@@ -257,10 +258,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     args.systems = args.systems.split(",")
     args.scenarios = args.scenarios.split(",")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "commit": git_commit(), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "threads": args.threads, "precision": args.precision, "num_prompts": args.num_prompts,
         "rounds": args.rounds, "scenarios": args.scenarios, "batch1_tokens": args.batch1_tokens,
         "sequential_prompts": args.sequential_prompts, "models": {},
