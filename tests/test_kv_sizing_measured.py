@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pagedserve import LLM
-from pagedserve.core import model_runner
+from pagedserve.core import runner_start
 
 MIB = 2**20
 
@@ -67,7 +67,7 @@ def fake_allocator(monkeypatch):
         fakes.append(FakeAllocator())
         return fakes[-1]
 
-    monkeypatch.setattr(model_runner, "allocator_stats", stats)
+    monkeypatch.setattr(runner_start, "allocator_stats", stats)
     yield fakes
     for fake in fakes:
         fake.close()
@@ -78,7 +78,7 @@ def _blocks(fake: FakeAllocator, utilization: float, per_block: int) -> int:
 
 
 def test_kv_cache_takes_what_the_measured_peak_leaves(tiny_model, fake_allocator, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="pagedserve.core.model_runner")
+    caplog.set_level(logging.INFO, logger="pagedserve.core.runner_start")
     small = LLM(str(tiny_model()), dtype="float32", max_num_batched_tokens=64, max_num_seqs=8,
                 gpu_memory_utilization=0.5)
     fake = fake_allocator[-1]
@@ -112,7 +112,7 @@ def test_no_room_left_is_a_clear_error(tiny_model, monkeypatch) -> None:
         weights = 63 * MIB
 
     full = Full()
-    monkeypatch.setattr(model_runner, "allocator_stats", lambda device: full)
+    monkeypatch.setattr(runner_start, "allocator_stats", lambda device: full)
     try:
         with pytest.raises(ValueError, match="holds no block"):
             LLM(str(tiny_model()), dtype="float32", max_num_batched_tokens=64, max_num_seqs=8)
