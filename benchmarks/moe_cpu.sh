@@ -23,4 +23,4 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(bundled_model_path("pagedserve/tiny-py") / name, folder / name)
 PY
 pagedserve --log-level WARNING bench throughput --model "$shape" --load-format dummy --num-prompts ${NUM_PROMPTS:-64} \
-    --lengths sharegpt --baseline hf --sequential-prompts ${SEQUENTIAL_PROMPTS:-16} --output-json "$out/throughput-$tag.json"
+    --lengths sharegpt --baseline hf --sequential-prompts ${SEQUENTIAL_PROMPTS:-16} --output-json "$out/throughput-$tag${TAG_SUFFIX:-}.json" "$@"

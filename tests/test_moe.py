@@ -11,8 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.plugins.moe import FusedMoE, route_top_k
+from pagedserve.plugins.moe import FusedMoE, cpu_experts, route_top_k
 from pagedserve.plugins.moe.layer import grouped_experts
+from pagedserve.plugins.quant.int8 import Int8Config
+from pagedserve.plugins.quant.int8_moe import quantize_experts
 from triton_worker import KernelWorker
 
 HERE = __name__
@@ -78,6 +80,9 @@ def test_layer_loads_expert_by_expert_and_refuses_quantization() -> None:
     class FakeFormat:
         name = "awq"
 
+        def get_moe_method(self, layer: FusedMoE, prefix: str) -> None:
+            return None  # a format that cannot hold experts
+
     with pytest.raises(ValueError, match="experts.*quantization 'awq'.*unquantized checkpoint"):
         FusedMoE(3, 2, 8, 4, quant_config=FakeFormat(), prefix="model.layers.0.mlp.experts")  # type: ignore[arg-type]
 
@@ -141,3 +146,63 @@ def test_grouped_torch_path_traces_into_one_graph_in_float32() -> None:
     x, w13, w2, weights, ids = make_inputs(9, 4, 2, 16, 24, seed=3)
     traced = torch.compile(grouped_experts, backend="eager", fullgraph=True, dynamic=True)
     torch.testing.assert_close(traced(x, w13, w2, weights, ids, F.silu), grouped_experts(x, w13, w2, weights, ids, F.silu))
+
+
+needs_onednn_bf16 = pytest.mark.skipif(not cpu_experts.onednn_available(), reason="no bf16 oneDNN kernels on this CPU")
+
+
+def loaded_layer(w13: torch.Tensor, w2: torch.Tensor, top_k: int, dtype: torch.dtype, quant_config: Any = None) -> FusedMoE:
+    """A ``FusedMoE`` holding ``w13``/``w2`` in ``dtype``, processed as the loader does."""
+    num_experts, double_intermediate, hidden = w13.shape
+    layer = FusedMoE(num_experts, top_k, hidden, double_intermediate // 2, quant_config=quant_config, params_dtype=dtype)
+    layer.w13_weight.data.copy_(w13)
+    layer.w2_weight.data.copy_(w2)
+    layer.quant_method.process_weights_after_loading(layer)
+    return layer
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (13, 2), (40, 1)])
+def test_bf16_experts_in_onednn_layout_match_the_grouped_path(num_tokens: int, top_k: int) -> None:
+    """Packed once after loading (the stacked weights dropped), each expert's rows through
+    oneDNN: the grouped path's result on the same bf16 weights, within bf16 rounding."""
+    x, w13, w2, _, _ = make_inputs(num_tokens, 6, top_k, 64, 48, seed=num_tokens)
+    logits = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(1))
+    layer = loaded_layer(w13, w2, top_k, torch.bfloat16)
+    assert layer.cpu_weights is not None and not hasattr(layer, "w13_weight")
+    out = layer(x.bfloat16(), logits)
+    weights, ids = route_top_k(logits, top_k, renormalize=True)
+    expected = per_token_reference(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), weights, ids)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=0.03, rtol=0.03)
+
+
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (13, 2), (33, 3)])
+def test_int8_experts_match_their_dequantized_weights(num_tokens: int, top_k: int) -> None:
+    """--quantization int8 holds the experts in int8 with a scale per expert row; the CPU kernel
+    gives what the dequantized weights give (activations rounded to its dtype)."""
+    x, w13, w2, _, _ = make_inputs(num_tokens, 6, top_k, 64, 48, seed=num_tokens)
+    logits = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(2))
+    layer = loaded_layer(w13, w2, top_k, torch.float32, Int8Config())
+    assert layer.w13_weight.dtype == torch.int8 and layer.w2_weight.dtype == torch.int8
+    assert layer.cpu_weights is not None
+    out = layer(x, logits)
+    q13, s13 = quantize_experts(w13)
+    q2, s2 = quantize_experts(w2)
+    weights, ids = route_top_k(logits, top_k, renormalize=True)
+    expected = per_token_reference(x, q13 * s13.unsqueeze(-1), q2 * s2.unsqueeze(-1), weights, ids)
+    assert out.dtype == torch.float32
+    tolerance = 0.03 if layer.w13_scale.dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+    # Away from the CPU kernel (as on CUDA), the dequantized weights through the stacked path.
+    layer.cpu_weights = None
+    torch.testing.assert_close(layer(x, logits).double(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_cpu_experts_compile_as_one_graph() -> None:
+    """The per-expert loop is one opaque op: no graph break, no data-dependent shape."""
+    x, w13, w2, _, _ = make_inputs(9, 4, 2, 64, 48, seed=3)
+    logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
+    layer = loaded_layer(w13, w2, 2, torch.float32, Int8Config())
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x, logits), layer(x, logits))

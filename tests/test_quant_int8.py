@@ -2,20 +2,26 @@
 
 The matmul against the dequantized weights it stands for, and its quality check: held-out
 perplexity of the bundled model within 1% of float32, both computed here through the engine
-(prompt logprobs), the LM head and the tied embedding included.
+(prompt logprobs), the LM head and the tied embedding included; and the same for the experts of a
+mixture-of-experts model (the bundled model upcycled into a Mixtral).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pagedserve import LLM, SamplingParams
-from pagedserve.assets import DEFAULT_MODEL
+from pagedserve.assets import DEFAULT_MODEL, bundled_model_path
 from pagedserve.assets.corpus import eval_windows, split_files, token_stream
 from pagedserve.core.layers.linear import Linear
+from pagedserve.plugins.moe import FusedMoE
 from pagedserve.plugins.quant.int8 import Int8Config, int8_matmul, quantize_int8
 
 #: Held-out windows scored (of 128 tokens: about 4k predicted tokens per model).
@@ -63,17 +69,21 @@ def held_out_perplexity(llm: LLM, windows: list[list[int]]) -> float:
     return math.exp(nll / count)
 
 
-@pytest.mark.slow
-def test_int8_held_out_perplexity_is_within_one_percent_of_float32() -> None:
-    dense = LLM(DEFAULT_MODEL, dtype="float32", max_model_len=CONTEXT + 8)
-    tokenizer = dense.get_tokenizer()
+def held_out_windows(llm: LLM) -> list[list[int]]:
+    tokenizer = llm.get_tokenizer()
     stream = token_stream(
         lambda text: tokenizer.encode(text, add_special_tokens=False),
         split_files()[1],
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
     )
-    windows = [w for w in eval_windows(stream, CONTEXT) if len(w) == CONTEXT][:NUM_WINDOWS]
+    return [w for w in eval_windows(stream, CONTEXT) if len(w) == CONTEXT][:NUM_WINDOWS]
+
+
+@pytest.mark.slow
+def test_int8_held_out_perplexity_is_within_one_percent_of_float32() -> None:
+    dense = LLM(DEFAULT_MODEL, dtype="float32", max_model_len=CONTEXT + 8)
+    windows = held_out_windows(dense)
     reference = held_out_perplexity(dense, windows)
     del dense
     quantized = LLM(DEFAULT_MODEL, dtype="float32", quantization="int8", max_model_len=CONTEXT + 8)
@@ -84,4 +94,52 @@ def test_int8_held_out_perplexity_is_within_one_percent_of_float32() -> None:
     assert head.qweight.dtype == torch.int8 and head.weight.dtype == torch.float32  # the tied embedding stays
     perplexity = held_out_perplexity(quantized, windows)
     assert reference < 1000  # a trained model, not noise
+    assert abs(perplexity / reference - 1) < 0.01, (perplexity, reference)
+
+
+def upcycled_mixtral(folder: Path, num_experts: int = 4, noise: float = 0.05) -> Path:
+    """The bundled model as a Mixtral (sparse upcycling): each layer's MLP copied into
+    ``num_experts`` experts, each copy's weights scaled by its own ``1 + noise * N(0, 1)`` so the
+    experts differ, a random router, top-2; a trained MoE to measure quantized experts on."""
+    source = bundled_model_path(DEFAULT_MODEL)
+    config = json.loads((source / "config.json").read_text())
+    config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=num_experts,
+                  num_experts_per_tok=2, dtype="float32", sliding_window=None)  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, tensor in load_file(source / "model.safetensors").items():
+        tensor = tensor.float()
+        if ".mlp." not in name:
+            tensors[name] = tensor
+            continue
+        prefix, proj = name.split(".mlp.")
+        checkpoint_name = {"gate_proj.weight": "w1", "up_proj.weight": "w3", "down_proj.weight": "w2"}[proj]
+        for e in range(num_experts):
+            scaled = tensor * (1 + noise * torch.randn(tensor.shape, generator=generator))
+            tensors[f"{prefix}.block_sparse_moe.experts.{e}.{checkpoint_name}.weight"] = scaled
+        if proj == "gate_proj.weight":
+            router = torch.randn(num_experts, tensor.shape[1], generator=generator) * 0.05
+            tensors[f"{prefix}.block_sparse_moe.gate.weight"] = router
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+@pytest.mark.slow
+def test_int8_experts_held_out_perplexity_is_within_one_percent_of_float32(tmp_path: Path) -> None:
+    """The same check for a mixture of experts, every expert quantized (and the dense layers)."""
+    model = str(upcycled_mixtral(tmp_path / "mixtral"))
+    dense = LLM(model, dtype="float32", max_model_len=CONTEXT + 8)
+    windows = held_out_windows(dense)
+    reference = held_out_perplexity(dense, windows)
+    del dense
+    quantized = LLM(model, dtype="float32", quantization="int8", max_model_len=CONTEXT + 8)
+    experts = [m for m in quantized.engine.runner.model.modules() if isinstance(m, FusedMoE)]
+    assert experts and all(m.w13_weight.dtype == torch.int8 and m.w2_weight.dtype == torch.int8 for m in experts)
+    perplexity = held_out_perplexity(quantized, windows)
+    print(f"upcycled Mixtral held-out perplexity: float32 {reference:.3f}, int8 experts {perplexity:.3f}")
+    assert reference < 1000  # still a trained model, not noise
     assert abs(perplexity / reference - 1) < 0.01, (perplexity, reference)

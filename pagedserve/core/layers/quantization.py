@@ -115,6 +115,12 @@ class QuantizationConfig(ABC):
         ``process_weights_after_loading`` adds what its ``apply`` reads beside it."""
         return None
 
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> Any | None:
+        """The method for a mixture-of-experts layer's stacked experts (``FusedMoE``: see
+        ``plugins/moe/layer.py`` for what it implements), or None (the default) when this format
+        cannot hold experts: the layer then refuses the format with a message."""
+        return None
+
 
 def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     """The checkpoint's ``quantization_config`` as a dict, or None for an unquantized one."""

@@ -8,6 +8,9 @@ How it computes: on CUDA (with triton installed) the fused kernel of ``triton_mo
 GEMMs over the tokens sorted by expert, no per-expert launches); elsewhere ``grouped_experts``:
 the (token, expert) pairs sorted by expert, two grouped matmuls (``torch.nn.functional.grouped_mm``)
 over the stacked weights, the results put back in token order, weighted and summed per token.
+On the CPU in bfloat16 (and with int8 experts) the weights are laid out once after loading for the
+CPU's kernels instead (``cpu_experts``). A quantization format holds experts through its own
+``MoEMethod`` (``QuantizationConfig.get_moe_method``); formats without one are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers.activations import ACT2FN
 
 from pagedserve.core.layers.linear import default_weight_loader
 from pagedserve.core.layers.quantization import QuantizationConfig
+from pagedserve.plugins.moe import cpu_experts
 
 
 def route_top_k(
@@ -91,6 +95,47 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def stacked_experts(
+    layer: FusedMoE, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """The experts from stacked weights in the model dtype: the Triton kernel on CUDA (silu), else
+    the grouped torch path."""
+    if hidden.is_cuda and _triton_available() and layer.activation_name == "silu":
+        from pagedserve.plugins.moe import triton_moe
+
+        return triton_moe.fused_experts(hidden, w13, w2, weights, ids)
+    return grouped_experts(hidden, w13, w2, weights, ids, layer.act_fn)
+
+
+class MoEMethod:
+    """How a ``FusedMoE`` stores its experts and computes them (the experts' ``LinearMethod``;
+    a quantization format returns its own from ``QuantizationConfig.get_moe_method``).
+
+    ``create_weights`` registers ``w13_weight`` [E, 2 * I, H] and ``w2_weight`` [E, H, I] in the
+    checkpoint's dtype, which the layer's ``weight_loader`` fills expert by expert;
+    ``process_weights_after_loading`` may then replace them by the kernel's layout."""
+
+    def create_weights(self, layer: FusedMoE, hidden_size: int, intermediate_size: int, dtype: torch.dtype) -> None:
+        e = layer.num_experts
+        layer.w13_weight = nn.Parameter(torch.empty(e, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False)
+        layer.w2_weight = nn.Parameter(torch.empty(e, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
+
+    def process_weights_after_loading(self, layer: FusedMoE) -> None:
+        """On the CPU in bfloat16 with oneDNN's kernels: each expert's weights reordered once into
+        oneDNN's layout (``cpu_experts``), the stacked copies dropped. float32 keeps the grouped
+        matmuls (bitwise transformers' arithmetic), as do CUDA and CPUs without bf16 units."""
+        w13 = layer.w13_weight
+        if w13.device.type != "cpu" or w13.dtype != cpu_experts.ONEDNN_DTYPE or not cpu_experts.onednn_available():
+            return
+        layer.cpu_weights = (cpu_experts.pack_onednn(w13.data), cpu_experts.pack_onednn(layer.w2_weight.data), [], [])
+        del layer.w13_weight, layer.w2_weight
+
+    def apply(self, layer: FusedMoE, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if layer.cpu_weights is not None:
+            return cpu_experts.moe_cpu_experts(hidden, weights, ids, *layer.cpu_weights, layer.activation_name)
+        return stacked_experts(layer, hidden, layer.w13_weight, layer.w2_weight, weights, ids)
+
+
 class FusedMoE(nn.Module):
     """``forward(hidden [T, H], router_logits [T, E]) -> [T, H]``: each token through its
     ``top_k`` experts (``down(act(gate(x)) * up(x))``), weighted by its routing probabilities."""
@@ -108,11 +153,13 @@ class FusedMoE(nn.Module):
         params_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if quant_config is not None:
+        method = MoEMethod() if quant_config is None else quant_config.get_moe_method(self, prefix)
+        if method is None:
+            assert quant_config is not None
             raise ValueError(
                 f"{prefix}: the experts of a mixture-of-experts model cannot be served with "
-                f"quantization {quant_config.name!r} yet (quantized experts are not implemented); "
-                "serve the unquantized checkpoint of this model"
+                f"quantization {quant_config.name!r} yet (quantized experts are not implemented "
+                "for it; --quantization int8 quantizes them); serve the unquantized checkpoint of this model"
             )
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"{prefix}: top_k={top_k} must be between 1 and num_experts={num_experts}")
@@ -123,13 +170,11 @@ class FusedMoE(nn.Module):
         self.prefix = prefix
         self.activation_name = activation
         self.act_fn = ACT2FN[activation]
-        dtype = params_dtype or torch.get_default_dtype()
-        self.w13_weight = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
-        )
-        self.w2_weight = nn.Parameter(
-            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
-        )
+        #: Per-expert weights in a CPU kernel's layout (``cpu_experts.moe_cpu_experts``' w13, w2,
+        #: scales13, scales2), set by the method after loading; None: the stacked weights.
+        self.cpu_weights: tuple[list[torch.Tensor], ...] | None = None
+        self.quant_method = method
+        method.create_weights(self, hidden_size, intermediate_size, params_dtype or torch.get_default_dtype())
 
     def weight_loader(
         self, param: torch.Tensor, loaded_weight: torch.Tensor, expert: int, shard: int | None
@@ -151,14 +196,11 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = route_top_k(router_logits, self.top_k, self.renormalize)
-        if hidden_states.is_cuda and _triton_available() and self.activation_name == "silu":
-            from pagedserve.plugins.moe import triton_moe
-
-            return triton_moe.fused_experts(hidden_states, self.w13_weight, self.w2_weight, weights, ids)
-        return grouped_experts(hidden_states, self.w13_weight, self.w2_weight, weights, ids, self.act_fn)
+        return self.quant_method.apply(self, hidden_states, weights, ids)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, intermediate={self.intermediate_size}, "
-            f"renormalize={self.renormalize}, activation={self.activation_name}"
+            f"renormalize={self.renormalize}, activation={self.activation_name}, "
+            f"method={type(self.quant_method).__name__}{', cpu layout' if self.cpu_weights else ''}"
         )

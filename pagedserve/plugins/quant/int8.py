@@ -118,3 +118,8 @@ class Int8Config(QuantizationConfig):
 
     def get_lm_head_method(self, layer: nn.Module) -> LinearMethod:
         return Int8LMHeadMethod()
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> Any:
+        from pagedserve.plugins.quant.int8_moe import Int8MoEMethod
+
+        return Int8MoEMethod()
