@@ -18,6 +18,8 @@ def bench() -> None:
 @bench.command()
 @click.option("--model", default=None, help="HF model folder or hub id (default: the bundled model).")
 @engine_options
+@click.option("--quantization", default=None,
+              help="The engine's weight format (default: the checkpoint's), e.g. int8; the baseline stays unquantized.")
 @click.option("--num-prompts", type=int, default=64)
 @click.option("--lengths", default="sharegpt", help="fixed:IN,OUT | uniform:A-B,C-D | sharegpt")
 @click.option("--workload-seed", type=int, default=0)
@@ -39,7 +41,7 @@ def bench() -> None:
               help="Also run the workload reading CUMULATIVE, DELTA and FINAL_ONLY outputs: the engine "
                    "overhead of each (CUMULATIVE copies every token id each step).")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
-def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
+def throughput(model: str | None, quantization: str | None, num_prompts: int, lengths: str, workload_seed: int, baseline: str | None,
                sequential_prompts: int | None, baseline_dtype: str | None, warmup_prompts: int, profile: bool,
                num_loras: str | None, lora_rank: int, compare_merged: bool, compare_output_kinds: bool,
                output_json: str | None, **kwargs: Any) -> None:
@@ -62,7 +64,7 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
         _lora_throughput(model, kwargs, num_loras, lora_rank, compare_merged, lengths, num_prompts,
                          workload_seed, output_json)
         return
-    engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs)))
+    engine = LLMEngine(engine_config_from_args(model, **engine_args(kwargs), quantization=quantization))
     workload = make_workload(lengths, num_prompts, engine.vocab_size, engine.max_model_len, workload_seed)
     warmup = make_workload(lengths, warmup_prompts, engine.vocab_size, engine.max_model_len, workload_seed + 1)
     if warmup:
@@ -131,7 +133,7 @@ def throughput(model: str | None, num_prompts: int, lengths: str, workload_seed:
     if output_json:
         settings = {"model": model, "num_prompts": num_prompts, "lengths": lengths,
                     "sequential_prompts": sequential_prompts, "baseline_dtype": baseline_dtype,
-                    "warmup_prompts": warmup_prompts,
+                    "warmup_prompts": warmup_prompts, "quantization": quantization,
                     "workload_seed": workload_seed, **engine_args(kwargs),
                     "max_model_len": engine.max_model_len,
                     "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens}
