@@ -31,6 +31,8 @@ def test_dict_json_and_defaults() -> None:
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5, "prompt_lookup_max": 3}, "must not exceed"),
         ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "drop model"),
         ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": -1}, "disable_by_batch_size"),
+        ({"method": "draft_model", "num_speculative_tokens": 2, "draft_confidence_threshold": 1.5},
+         "draft_confidence_threshold must be in \\[0, 1\\]"),
         ("{not json", "not valid JSON"),
         (["ngram"], "must be a dict"),
     ],

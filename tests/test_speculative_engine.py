@@ -55,8 +55,25 @@ def spec_config(method: str, draft: str, **extra: object) -> dict:
     if method == "ngram":
         config["prompt_lookup_max"] = 3
     if method == "draft_model":
-        config["model"] = draft
+        # Always k proposals (the random tiny drafts are never confident): the chains are tested.
+        config = {"model": draft, "draft_confidence_threshold": 0.0, **config}
     return config
+
+
+def test_draft_stops_at_an_unconfident_proposal(model) -> None:
+    """With the confidence threshold at 1 every draft stops after its first proposal (the tiny
+    draft is never sure), with 0 it proposes k; the output is plain decoding's either way."""
+    model_dir, expected, draft = model
+    counts = {}
+    for threshold in (0.0, 1.0):
+        config = spec_config("draft_model", draft, draft_confidence_threshold=threshold)
+        llm = LLM(model_dir, dtype="float32", speculative_config=config)
+        outputs = llm.generate(PROMPTS32[:4], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected["batch32"][:4]
+        counts[threshold] = [sum(o.metrics.get(key, 0) for o in outputs)
+                             for key in ("spec_num_drafts", "spec_num_draft_tokens")]
+    assert counts[1.0][1] == counts[1.0][0] > 0
+    assert counts[0.0][1] > counts[0.0][0]
 
 
 @pytest.mark.parametrize("method", METHODS)

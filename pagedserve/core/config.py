@@ -199,6 +199,10 @@ class SpeculativeConfig:
     suffix_decoding_max_cached_requests: int = 1000
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
+    #: draft_model (not a vLLM key; vLLM always drafts k): the draft stops after proposing a
+    #: token it gave less than this probability, saving the forwards whose proposals would
+    #: most likely be rejected; 0 always drafts ``num_speculative_tokens``.
+    draft_confidence_threshold: float = 0.2
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -239,6 +243,9 @@ class SpeculativeConfig:
             raise ConfigError("speculative_config suffix_decoding_max_spec_factor must be > 0")
         if not 0.0 <= self.suffix_decoding_min_token_prob <= 1.0:
             raise ConfigError("speculative_config suffix_decoding_min_token_prob must be in [0, 1]")
+        threshold = self.draft_confidence_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ConfigError("speculative_config draft_confidence_threshold must be in [0, 1] (0: always draft k)")
         if self.model is not None and self.method != "draft_model":
             raise ConfigError(
                 f"speculative_config model is the draft of method 'draft_model', not {self.method!r}; "

@@ -9,12 +9,23 @@ forward, whose last position gives the first proposal; each further forward adds
 
 Greedy requests get the draft's argmax; sampled ones a token drawn from the draft's
 distribution at the request's temperature, which travels with the proposal for the rejection
-rule (``min(1, p/q)``).
+rule (``min(1, p/q)``). A request stops drafting after a token the draft gave less than
+``draft_confidence_threshold`` (its later proposals would most likely be rejected; the rule
+depends only on the draft, so the output stays exact).
+
+The forwards after the first bring one token per request: they run as padded decode steps on
+persistent input buffers (``core.cuda_graphs.PaddedDecode``, the target's decode-step
+mechanism), so the k steps build no layout of their own. On the CPU every draft forward runs on
+one thread: its matrices (a few rows by the draft's hidden size) are far below the size where
+intra-op threads pay, and each threaded op waits for every thread of the pool, which on a busy
+machine means waiting for a free core (measured in docs/speculative.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +34,7 @@ import torch
 
 from pagedserve.assets import DEFAULT_MODEL, DRAFT_MODEL, bundled_model_path
 from pagedserve.core.config import ConfigError, EngineConfig, ModelConfig
+from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention
 from pagedserve.core.loader import get_model_max_len, load_hf_config, load_model, resolve_model_path
@@ -51,6 +63,20 @@ def default_draft(target: str) -> str | None:
         if folder is not None and Path(target).expanduser().resolve() == folder.resolve():
             return draft
     return None
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Torch's intra-op threads set to one on the CPU for the block (restored after)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _tokenizer_vocab(folder: str) -> dict[str, int] | None:
@@ -92,7 +118,9 @@ class DraftModelProposer(Proposer):
         )
         self.dtype = next(self.model.parameters()).dtype
         self.generator = torch.Generator(device=self.device).manual_seed(config.model.seed + 1)
+        self.confidence_threshold = spec.draft_confidence_threshold
         self._states: dict[str, _DraftState] = {}
+        self._decode: PaddedDecode | None = None
 
     @staticmethod
     def _check_compatible(config: EngineConfig, draft: ModelConfig) -> None:
@@ -128,9 +156,13 @@ class DraftModelProposer(Proposer):
         )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        # One block more than the scheduler's: the padding rows of a padded decode step write
+        # their K/V there, as the target's do.
         for layer in self.layers:
-            shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_size)
+            shape = self.backend.kv_cache_shape(num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_size)
             layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._decode = PaddedDecode(self.config, capture_sizes(self.config), self.backend, self.model, num_blocks,
+                                    self.device, capture=False)
 
     # -- proposing -----------------------------------------------------------------------------
 
@@ -161,7 +193,9 @@ class DraftModelProposer(Proposer):
             token_ids.extend(request.all_token_ids[start:])
         by_id: dict[str, DraftTokens] = {}
         if requests:
-            for request, draft in zip(requests, self._propose(requests, limits, seqs, token_ids)):
+            with _one_thread(self.device):
+                drafts = self._propose(requests, limits, seqs, token_ids)
+            for request, draft in zip(requests, drafts):
                 by_id[request.request_id] = draft
         return [by_id.get(r.request_id, DraftTokens([])) for r in batch.requests]
 
@@ -179,14 +213,17 @@ class DraftModelProposer(Proposer):
         logits = logits[active]
         step = 0
         while active:
-            self._choose(logits, active, requests, drafts, probs)
+            confident = self._choose(logits, active, requests, drafts, probs)
             step += 1
-            active = [i for i in active if limits[i] > step]
+            active = [i for i, sure in zip(active, confident) if sure and limits[i] > step]
             if not active:
                 break
             # Each proposal goes in at its position: its KV, then the next proposal's logits.
-            seqs = [(requests[i].block_ids, requests[i].num_tokens + step - 1, 1) for i in active]
-            logits = self._forward(seqs, [drafts[i][-1] for i in active])
+            logits = self._decode_step(
+                [drafts[i][-1] for i in active],
+                [requests[i].num_tokens + step - 1 for i in active],
+                [requests[i].block_ids for i in active],
+            )
         return [DraftTokens(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
 
     def _forward(self, seqs: list[tuple[list[int], int, int]], token_ids: list[int]) -> torch.Tensor:
@@ -198,6 +235,15 @@ class DraftModelProposer(Proposer):
         ends = layout.query_start_loc[1:].long() - 1
         return self.model.compute_logits(hidden[ends])
 
+    def _decode_step(self, token_ids: list[int], positions: list[int], block_ids: list[list[int]]) -> torch.Tensor:
+        """The draft's logits [len(token_ids), V] after one token per request, as a padded
+        decode step (eagerly when the batch is above the largest padded size)."""
+        assert self._decode is not None, "allocate_kv_cache runs before the first proposal"
+        size = self._decode.padded_size(len(token_ids))
+        if size is None:
+            return self._forward([(b, p, 1) for b, p in zip(block_ids, positions)], token_ids)
+        return self.model.compute_logits(self._decode.run(token_ids, positions, block_ids, size))
+
     def _choose(
         self,
         logits: torch.Tensor,
@@ -205,16 +251,22 @@ class DraftModelProposer(Proposer):
         requests: list[Request],
         drafts: list[list[int]],
         probs: list[list[torch.Tensor]],
-    ) -> None:
-        """Append one proposal to each active request (row i of ``logits`` is ``active[i]``)."""
-        greedy_ids = logits.argmax(dim=-1).tolist()
+    ) -> list[bool]:
+        """Append one proposal to each active request (row i of ``logits`` is ``active[i]``);
+        per request, whether the draft gave its proposal at least the confidence threshold."""
+        greedy = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+        greedy_ids, greedy_probs = greedy.indices.tolist(), greedy.values.tolist()
+        confident = []
         for row, index in enumerate(active):
             request = requests[index]
             params = request.sampling_params
-            token = greedy_ids[row]
+            token, prob = greedy_ids[row], greedy_probs[row]
             if not params.greedy:
                 q = torch.softmax(logits[row].float() / params.temperature, dim=-1)
                 generator = request_generator(request, self.device) if params.seed is not None else self.generator
                 token = int(torch.multinomial(q, 1, generator=generator))
+                prob = float(q[token])
                 probs[index].append(q)
             drafts[index].append(token)
+            confident.append(prob >= self.confidence_threshold)
+        return confident
