@@ -133,7 +133,7 @@ def test_int8_experts_held_out_perplexity_is_within_one_percent_of_float32(tmp_p
     """The same check for a mixture of experts, every expert quantized (and the dense layers)."""
     model = str(upcycled_mixtral(tmp_path / "mixtral"))
     dense = LLM(model, dtype="float32", max_model_len=CONTEXT + 8)
-    windows = held_out_windows(dense)
+    windows = held_out_windows(dense)[: NUM_WINDOWS // 2]  # about 2k predicted tokens: test time
     reference = held_out_perplexity(dense, windows)
     del dense
     quantized = LLM(model, dtype="float32", quantization="int8", max_model_len=CONTEXT + 8)
