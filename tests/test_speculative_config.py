@@ -43,7 +43,7 @@ def test_bad_values_say_what_to_change(value, message: str) -> None:
 
 
 def test_spec_decode_metrics_count_each_step() -> None:
-    from pagedserve.core.engine import StepStats
+    from pagedserve.core.step_stats import StepStats
     from pagedserve.core.metrics import EngineMetrics
     from pagedserve.core.speculative import SpecDecodingStats
 

@@ -13,9 +13,20 @@ Scenarios, per model:
 - ``batch-1``: one request, a 32-token prompt and 256 output tokens (``--batch1-tokens``), every
   system.
 
-Every system but transformers' runs at the same precision: ``--precision fp32`` (float32
-weights everywhere) or ``int8`` (pagedserve ``--quantization int8``, llama.cpp Q8_0,
-CTranslate2 ``int8_float32``); transformers stays float32.
+Each round draws new prompts (the same for every system within the round), so no system's
+prefix cache holds a round's prompts from the round before.
+
+Every system but transformers' runs at the same precision: ``fp32`` (float32 weights
+everywhere), ``int8`` (pagedserve ``--quantization int8``, llama.cpp Q8_0, CTranslate2
+``int8_float32``) or ``bf16`` (pagedserve ``--dtype bfloat16``, llama.cpp's BF16 GGUF;
+CTranslate2 is not run: ``bfloat16`` is not one of its CPU compute types). transformers
+stays float32 and is measured in the fp32 run only. ``--precision fp32,int8,bf16`` runs them
+one after another and writes one JSON.
+
+The 135M shape is run with fewer rounds and scenarios than tiny-py by default
+(``--large-rounds``, ``--large-scenarios``, ``--large-sequential-prompts``): at its speed every
+system takes a minute per 64-request pass, and the whole benchmark has to fit in about twenty
+minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -41,6 +53,7 @@ from pagedserve.bench.workload import make_workload
 
 HERE = Path(__file__).resolve().parent
 TOKEN_IDS = 4096  # below both models' tokenizer vocabularies (the bundled tokenizer's size)
+LARGE_MODEL = "smollm-135m-shape"
 TARGETS = {  # (scenario, model or None for both): (peer, the least ratio pagedserve / peer)
     ("batch-1", "smollm-135m-shape"): ("llama.cpp", 0.7),
     ("batch-1", "tiny-py"): ("llama.cpp", 0.5),
@@ -79,13 +92,14 @@ class Worker:
 class Server:
     """An OpenAI-compatible server process, and the same concurrent client for every server."""
 
-    def __init__(self, command: list[str], port: int, threads: int, name: str) -> None:
-        self.name, self.port = name, port
+    def __init__(self, command: list[str], port: int, threads: int, name: str, log: Path) -> None:
+        self.name, self.port, self.log = name, port, log
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         for _ in range(600):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {' '.join(command)}")
+                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {' '.join(command)}; see {log}")
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
@@ -117,42 +131,55 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def start_systems(args: argparse.Namespace, model: str) -> dict[str, Any]:
+def start_systems(args: argparse.Namespace, model: str, precision: str, wanted: set[str]) -> dict[str, Any]:
     folder = Path(args.models_dir) / model
-    int8 = args.precision == "int8"
+    gguf_type, ct2_type, pagedserve_extra = PRECISIONS[precision]
+    options = [f"--{name.replace('_', '-')}={value}" for name, value in pagedserve_extra.items()]
+    logs = Path(args.log_dir)
     systems: dict[str, Any] = {}
-    pagedserve_extra = {"dtype": "float32", **({"quantization": "int8"} if int8 else {})}
-    if "pagedserve" in args.systems:
+    if "pagedserve" in wanted:
         systems["pagedserve"] = Worker(sys.executable, "pagedserve", str(folder), args.threads, pagedserve_extra)
-    if "pagedserve-serve" in args.systems:
+    if "pagedserve-serve" in wanted:
         command = [str(Path(sys.executable).parent / "pagedserve"), "--log-level", "WARNING", "serve", str(folder),
-                   "--port", str(args.port), "--dtype", "float32", "--max-num-seqs", "64", "--max-model-len", "512"]
-        systems["pagedserve-serve"] = Server(command + (["--quantization", "int8"] if int8 else []),
-                                             args.port, args.threads, "pagedserve serve")
-    if "llama.cpp" in args.systems:
-        gguf = Path(args.gguf_dir) / f"{model}-{'q8_0' if int8 else 'f32'}.gguf"
+                   "--port", str(args.port), "--max-num-seqs", "64", "--max-model-len", "512", *options]
+        systems["pagedserve-serve"] = Server(command, args.port, args.threads, "pagedserve serve",
+                                             logs / f"pagedserve-serve-{model}-{precision}.log")
+    if "llama.cpp" in wanted:
+        gguf = Path(args.gguf_dir) / f"{model}-{gguf_type}.gguf"
         command = [args.llama_server, "-m", str(gguf), "--port", str(args.port + 1), "-t", str(args.threads),
                    "-tb", str(args.threads), "-np", "64", "-c", str(64 * 512), "-cb", "--no-webui"]
-        systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server")
-    if "ctranslate2" in args.systems:
+        systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server",
+                                      logs / f"llama-server-{model}-{precision}.log")
+    if "ctranslate2" in wanted and ct2_type is not None:
         ct2 = Path(args.ct2_dir) / f"{model}"
         systems["ctranslate2"] = Worker(args.ct2_python, "ctranslate2", str(ct2), args.threads,
-                                        {"compute_type": "int8_float32" if int8 else "float32"})
-    if "transformers" in args.systems:
+                                        {"compute_type": ct2_type})
+    if "transformers" in wanted and precision == "fp32":
         systems["transformers"] = Worker(args.hf_python, "transformers", str(folder), args.threads, {})
     return systems
 
 
-def scenarios(args: argparse.Namespace) -> dict[str, tuple[list[list[int]], list[int]]]:
-    workload = make_workload("uniform:32-256,16-256", args.num_prompts, TOKEN_IDS, 512, seed=args.seed)
-    one = make_workload(f"fixed:32,{args.batch1_tokens}", 1, TOKEN_IDS, 512, seed=args.seed + 1)
+Work = dict[str, tuple[list[list[int]], list[int]]]
+
+
+def scenarios(args: argparse.Namespace, names: list[str], seed: int) -> Work:
+    """The scenarios' prompts and output lengths, drawn from ``seed`` (one seed per round)."""
+    workload = make_workload(args.lengths, args.num_prompts, TOKEN_IDS, 512, seed=seed)
+    one = make_workload(f"fixed:32,{args.batch1_tokens}", 1, TOKEN_IDS, 512, seed=seed + 1)
     every = {
         "offline-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
         "serve-64": ([r.prompt_token_ids for r in workload], [r.output_len for r in workload]),
         "batch-1": ([one[0].prompt_token_ids], [one[0].output_len]),
     }
-    return {name: every[name] for name in args.scenarios}
+    return {name: every[name] for name in names}
 
+
+#: Per precision: the GGUF file type, CTranslate2's compute type (None: not run), pagedserve's options.
+PRECISIONS: dict[str, tuple[str, str | None, dict[str, str]]] = {
+    "fp32": ("f32", "float32", {"dtype": "float32"}),
+    "int8": ("q8_0", "int8_float32", {"dtype": "float32", "quantization": "int8"}),
+    "bf16": ("bf16", None, {"dtype": "bfloat16"}),
+}
 
 #: Which system answers which scenario (llama.cpp's offline figure is its server's: it has no
 #: offline continuous batching).
@@ -163,29 +190,35 @@ PLAN = {
 }
 
 
-def measure(args: argparse.Namespace, model: str) -> dict[str, Any]:
-    systems = start_systems(args, model)
-    work = scenarios(args)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {s: {} for s in work}
+def measure(args: argparse.Namespace, model: str, precision: str) -> dict[str, Any]:
+    large = model == LARGE_MODEL
+    names = args.large_scenarios if large else args.scenarios
+    rounds = args.large_rounds if large else args.rounds
+    sequential = args.large_sequential_prompts if large else args.sequential_prompts
+    wanted = {system for name in names for system in PLAN[name] if system in args.systems}
+    systems = start_systems(args, model, precision, wanted)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in names}
     try:
-        for name, (prompts, lens) in work.items():  # one unmeasured pass: oneDNN/ggml set-up
+        warmup = scenarios(args, names, args.seed + 1000)
+        for name, (prompts, lens) in warmup.items():  # one short unmeasured pass: oneDNN/ggml set-up
             for system in PLAN[name]:
                 if system in systems and not (name == "serve-64" and system == "llama.cpp"):
-                    n = args.sequential_prompts if system == "transformers" else len(prompts)
-                    systems[system].run(prompts[: min(n, 4)], [min(x, 16) for x in lens[: min(n, 4)]])
-        for round_index in range(args.rounds):
-            for name, (prompts, lens) in work.items():
+                    n = min(4, sequential if system == "transformers" else len(prompts))
+                    systems[system].run(prompts[:n], [min(x, 16) for x in lens[:n]])
+        for round_index in range(rounds):
+            for name, (prompts, lens) in scenarios(args, names, args.seed + 10 * round_index).items():
                 for system in PLAN[name]:
                     if system not in systems:
                         continue
                     if name == "serve-64" and system == "llama.cpp" and "offline-64" in runs:
                         continue  # the same measurement as offline-64
-                    n = args.sequential_prompts if system == "transformers" and name == "offline-64" else len(prompts)
+                    n = sequential if system == "transformers" and name == "offline-64" else len(prompts)
                     result = systems[system].run(prompts[:n], lens[:n])
                     result["tokens_per_s"] = result["output_tokens"] / result["seconds"]
                     result["load_average"] = os.getloadavg()[0]
                     runs[name].setdefault(system, []).append(result)
-                    print(f"{model} round {round_index} {name} {system}: {result['tokens_per_s']:.1f} tok/s "
+                    print(f"{model} {precision} round {round_index} {name} {system}: "
+                          f"{result['tokens_per_s']:.1f} tok/s in {result['seconds']:.1f} s "
                           f"(load {result['load_average']:.1f})", flush=True)
     finally:
         for system in systems.values():
@@ -194,7 +227,8 @@ def measure(args: argparse.Namespace, model: str) -> dict[str, Any]:
         runs["serve-64"]["llama.cpp"] = runs["offline-64"]["llama.cpp"]
     medians = {name: {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in by.items()}
                for name, by in runs.items()}
-    return {"runs": runs, "median_tokens_per_s": medians, "targets": targets(model, medians)}
+    return {"rounds": rounds, "scenarios": names, "sequential_prompts": sequential, "runs": runs,
+            "median_tokens_per_s": medians, "targets": targets(model, medians)}
 
 
 def targets(model: str, medians: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -218,57 +252,132 @@ def targets(model: str, medians: dict[str, dict[str, float]]) -> list[dict[str, 
 
 
 def table(results: dict[str, Any]) -> str:
+    """The docs table: medians per model, scenario and precision, then every target's ratio."""
     systems = ["pagedserve", "pagedserve-serve", "llama.cpp", "ctranslate2", "transformers"]
     lines = ["| output tok/s (medians) | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
-    for model, result in results["models"].items():
-        for name, by in result["median_tokens_per_s"].items():
-            cells = [f"{by[s]:,.1f}" if s in by else "" for s in systems]
-            lines.append(f"| {model}, {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| target | ratio | met |", "|---|---|---|"]
-    for model, result in results["models"].items():
-        for row in result["targets"]:
-            ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-            lines.append(f"| {model} {row['scenario']}: pagedserve / {row['peer']} >= {row['target']}x | {ratio} | "
-                         f"{'yes' if row['met'] else 'no'} |")
+    for precision, by_model in results["precisions"].items():
+        for model, result in by_model.items():
+            for name, by in result["median_tokens_per_s"].items():
+                cells = [f"{by[s]:,.1f}" if s in by else "" for s in systems]
+                lines.append(f"| {model}, {name}, {precision} | " + " | ".join(cells) + " |")
+    lines += ["", "| target (same precision on both sides) | ratio | met |", "|---|---|---|"]
+    for precision, by_model in results["precisions"].items():
+        for model, result in by_model.items():
+            for row in result["targets"]:
+                ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+                lines.append(f"| {model} {row['scenario']} {precision}: pagedserve / {row['peer']} >= "
+                             f"{row['target']}x | {ratio} | {'yes' if row['met'] else 'no'} |")
     return "\n".join(lines)
 
 
+def llama_cpp_info(server: str, source: str | None) -> dict[str, Any]:
+    """What llama-server was built from and how: its ``--version``, the llama.cpp commit the
+    llama-cpp-python sdist vendors (its CHANGELOG names it), and the build's CMake options."""
+    info: dict[str, Any] = {"server": server}
+    try:
+        out = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=60)
+        info["version"] = " ".join((out.stdout + out.stderr).split())
+    except (OSError, subprocess.SubprocessError) as exc:
+        info["version"] = f"unknown ({exc})"
+    if source:
+        changelog = Path(source) / "CHANGELOG.md"
+        if changelog.exists():
+            match = re.search(r"update llama\.cpp to (\S+@[0-9a-f]+)", changelog.read_text())
+            info["vendored_commit"] = match.group(1) if match else None
+        info["llama_cpp_python_source"] = Path(source).name
+    cache = Path(server).resolve().parent.parent / "CMakeCache.txt"
+    if cache.exists():
+        flags = {}
+        for line in cache.read_text().splitlines():
+            name, _, value = line.partition("=")
+            key, _, kind = name.partition(":")
+            if kind in ("BOOL", "STRING") and (key.startswith("GGML_") or key in ("CMAKE_BUILD_TYPE",)):
+                if value not in ("", "OFF") or key == "GGML_NATIVE":
+                    flags[key] = value
+        info["cmake"] = flags
+    return info
+
+
+def system_info(log: Path) -> str | None:
+    """The CPU features llama-server reports using (its ``system_info`` line)."""
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        if "system_info" in line:
+            return line.split("system_info:", 1)[-1].strip()
+    return None
+
+
 def main() -> None:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--models", default="tiny-py,smollm-135m-shape")
     parser.add_argument("--systems", default="pagedserve,pagedserve-serve,llama.cpp,ctranslate2,transformers")
-    parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
+    parser.add_argument("--precision", default="fp32,int8", help="comma-separated: fp32, int8, bf16")
     parser.add_argument("--scenarios", default=",".join(PLAN), help="a subset of " + ", ".join(PLAN))
+    parser.add_argument("--large-scenarios", default="offline-64,batch-1", help=f"the same, for {LARGE_MODEL}")
     parser.add_argument("--gguf-dir")
     parser.add_argument("--llama-server")
+    parser.add_argument("--llama-source", help="the llama-cpp-python source folder (its CHANGELOG names the commit)")
     parser.add_argument("--ct2-dir")
     parser.add_argument("--ct2-python")
     parser.add_argument("--hf-python")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--lengths", default="uniform:32-256,16-256", help="the requests' lengths (bench --lengths)")
     parser.add_argument("--sequential-prompts", type=int, default=8)
+    parser.add_argument("--large-sequential-prompts", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--large-rounds", type=int, default=1)
     parser.add_argument("--batch1-tokens", type=int, default=256, help="batch-1 output tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8190)
+    parser.add_argument("--log-dir", default=None, help="the servers' logs (default: next to the JSON)")
     parser.add_argument("--output-json", required=True)
     args = parser.parse_args()
     # A timeout's SIGTERM still stops the servers and workers (``measure``'s finally).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     args.systems = args.systems.split(",")
     args.scenarios = args.scenarios.split(",")
+    args.large_scenarios = args.large_scenarios.split(",")
+    precisions = args.precision.split(",")
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            parser.error(f"unknown precision {precision!r}: give {', '.join(PRECISIONS)}")
+    output = Path(args.output_json)
+    args.log_dir = args.log_dir or str(output.parent / f"{output.stem}-logs")
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-        "threads": args.threads, "precision": args.precision, "num_prompts": args.num_prompts,
-        "rounds": args.rounds, "scenarios": args.scenarios, "batch1_tokens": args.batch1_tokens,
-        "sequential_prompts": args.sequential_prompts, "models": {},
+        "cpu_flags": cpu_flags(), "load_average_at_start": os.getloadavg(),
+        "threads": args.threads, "num_prompts": args.num_prompts, "lengths": args.lengths, "batch1_tokens": args.batch1_tokens,
+        "seed": args.seed, "precisions": {},
     }
-    for model in args.models.split(","):
-        results["models"][model] = measure(args, model)
-        Path(args.output_json).write_text(json.dumps(results, indent=1))  # what is done so far
-    print(table(results))
+    if "llama.cpp" in args.systems:
+        results["llama.cpp"] = llama_cpp_info(args.llama_server, args.llama_source)
+    for precision in precisions:
+        results["precisions"][precision] = {}
+        for model in args.models.split(","):
+            results["precisions"][precision][model] = measure(args, model, precision)
+            if "llama.cpp" in args.systems and "system_info" not in results["llama.cpp"]:
+                results["llama.cpp"]["system_info"] = system_info(
+                    Path(args.log_dir) / f"llama-server-{model}-{precision}.log")
+            results["seconds"] = time.perf_counter() - started
+            output.write_text(json.dumps(results, indent=1))  # what is done so far
+    markdown = table(results)
+    output.with_suffix(".md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"wrote {output} and {output.with_suffix('.md')}; the measurements took {results['seconds']:.0f} s")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions (AMX changes which kernels are fastest)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 if __name__ == "__main__":

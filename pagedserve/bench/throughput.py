@@ -10,11 +10,12 @@ from typing import Any
 
 from pagedserve.bench.roofline import roofline
 from pagedserve.bench.workload import BenchRequest
-from pagedserve.core.engine import LLMEngine, StepStats
+from pagedserve.core.engine import LLMEngine
 from pagedserve.core.hookspecs import hookimpl
 from pagedserve.core.lora import LoRARequest
 from pagedserve.core.model_runner import ModelRunner
 from pagedserve.core.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.core.step_stats import StepStats
 
 
 @dataclass(eq=False)  # identity: pluggy refuses a plugin equal to one already registered

@@ -6,7 +6,6 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from pagedserve.core import pooling
@@ -15,6 +14,7 @@ from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.lora import LoRAManagerBase, LoRARequest
 from pagedserve.core.loader import get_model_max_len, load_generation_config, load_hf_config, resolve_model_path
+from pagedserve.core.output_processor import OutputProcessor
 from pagedserve.core.outputs import RequestOutput
 from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.core.pooling import PoolingParams
@@ -24,7 +24,8 @@ from pagedserve.core.sampling import check_token_ids
 from pagedserve.core.sampling_params import SamplingParams
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.startup import phase, startup
-from pagedserve.core.speculative import ProposalBatch, SpecDecodingStats, speculation_enabled_for
+from pagedserve.core.speculative import ProposalBatch, speculation_enabled_for
+from pagedserve.core.step_stats import StepStats
 from pagedserve.core.tokenizer import IncrementalDetokenizer, bad_words_token_ids, get_eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -35,39 +36,6 @@ PENDING_POLL_SECONDS = 0.02
 
 #: A prompt: text, token ids, or vLLM's ``{"prompt_token_ids": [...]}`` / ``{"prompt": "..."}``.
 PromptType = str | list[int] | dict[str, Any]
-
-
-@dataclass
-class StepStats:
-    """What ``step_finished`` hooks and the metrics see after each step."""
-
-    num_scheduled_tokens: int
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preemptions: int
-    #: The whole step, and within it the model forward alone (input preparation, sampling,
-    #: scheduling and detokenization are the difference).
-    step_seconds: float
-    forward_seconds: float
-    #: Prompt tokens of the requests whose first token came in this step (once per request).
-    num_prompt_tokens: int = 0
-    #: Tokens sampled in this step.
-    num_generation_tokens: int = 0
-    #: Sequences that computed tokens in this step (the batch size).
-    num_scheduled_seqs: int = 0
-    #: Tokens looked up in / found in the prefix cache during this step's scheduling.
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    #: Per sequence that got its first token this step: seconds since its arrival.
-    time_to_first_tokens: list[float] = field(default_factory=list)
-    #: Per sequence that got a later token this step: seconds since its previous token.
-    inter_token_latencies: list[float] = field(default_factory=list)
-    #: LoRA adapters (names) of the running requests, and those only waiting requests ask for.
-    running_lora_adapters: list[str] = field(default_factory=list)
-    waiting_lora_adapters: list[str] = field(default_factory=list)
-    #: Speculative decoding's verification counts of this step (None without speculation).
-    spec_decoding: SpecDecodingStats | None = None
 
 
 class LLMEngine:
@@ -117,6 +85,7 @@ class LLMEngine:
             num_lookahead_tokens=lookahead,
         )
         self._groups: dict[str, RequestGroup | BeamSearchGroup] = {}
+        self.output_processor = OutputProcessor(self._groups, self.scheduler, self.runner, self.plugins)
         self._log_capacity()
         self.plugins.hook.engine_started(engine=self)
         if config.lora.enable_lora and self.lora_manager is None:
@@ -367,49 +336,10 @@ class LLMEngine:
             if seq is not None:
                 seq.pooled = pooling.combine(pooling_type, seq.pooled, start_index, partial)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output.sampled_token_ids)
-
-        touched: dict[str, None] = {}
-        now = time.monotonic()
-        ttfts: list[float] = []
-        itls: list[float] = []
-        num_prompt_tokens = 0
-        num_generation_tokens = 0
-        for seq in updated:
-            if seq.pooling_params is not None:  # an embedding, done: no token, no timing
-                num_prompt_tokens += seq.num_prompt_tokens
-                touched[seq.parent_id] = None
-                self.runner.request_finished(seq)
-                continue
-            num_prompt_tokens += self._record_timing(seq, now, ttfts, itls)
-            group = self._groups.get(seq.parent_id)
-            if group is None:
-                continue
-            touched[seq.parent_id] = None
-            logprobs = runner_output.logprobs.get(seq.request_id)
-            if isinstance(group, BeamSearchGroup):
-                group.record(seq, logprobs)
-                num_generation_tokens += 1
-                continue
-            num_generation_tokens += self._record_tokens(group, seq, logprobs)
-            if seq.is_finished:
-                self.runner.request_finished(seq)
+        tally = self.output_processor.record(updated, runner_output, time.monotonic())
         if self.runner.proposer is not None:
             self._propose()
-
-        outputs = []
-        for request_id in touched:
-            group = self._groups[request_id]
-            if isinstance(group, BeamSearchGroup) and group.ready():
-                group.advance(self.scheduler)
-                if group.finished:
-                    for seq in group.sequences:
-                        self.runner.request_finished(seq)
-            output = group.make_output()
-            if output is not None:
-                outputs.append(output)
-            if group.finished:
-                del self._groups[request_id]
-                self.plugins.hook.request_finished(output=output)
+        outputs = self.output_processor.make_outputs(tally.touched)
 
         lora = self.scheduler.max_loras is not None
         self.plugins.hook.step_finished(
@@ -422,12 +352,12 @@ class LLMEngine:
                 num_preemptions=len(scheduler_output.preempted),
                 step_seconds=time.perf_counter() - start,
                 forward_seconds=runner_output.forward_seconds,
-                num_prompt_tokens=num_prompt_tokens,
-                num_generation_tokens=num_generation_tokens,
+                num_prompt_tokens=tally.num_prompt_tokens,
+                num_generation_tokens=tally.num_generation_tokens,
                 prefix_cache_queries=self.kv_cache.prefix_cache_queries - queries,
                 prefix_cache_hits=self.kv_cache.prefix_cache_hits - hits,
-                time_to_first_tokens=ttfts,
-                inter_token_latencies=itls,
+                time_to_first_tokens=tally.time_to_first_tokens,
+                inter_token_latencies=tally.inter_token_latencies,
                 running_lora_adapters=self.scheduler.running_lora_adapters if lora else [],
                 waiting_lora_adapters=self.scheduler.waiting_lora_adapters if lora else [],
                 spec_decoding=self.scheduler.spec_stats if self.config.speculative else None,
@@ -463,54 +393,6 @@ class LLMEngine:
             return
         for request, draft in zip(requests, self.runner.propose(ProposalBatch(requests, limits))):
             request.set_spec_tokens(list(draft.token_ids), draft.probs)
-
-    @staticmethod
-    def _record_timing(seq: Request, now: float, ttfts: list[float], itls: list[float]) -> int:
-        """Note the time of the sequence's new token (a step's tokens all arrive at ``now``);
-        return the prompt tokens it completed (its request's first token, counted once)."""
-        first = seq.first_token_time is None
-        if first:
-            seq.first_token_time = now
-            ttfts.append(now - seq.arrival_time)
-        else:
-            itls.append(now - seq.last_token_time)
-        seq.last_token_time = now
-        return seq.num_prompt_tokens if first and seq.index == 0 else 0
-
-    def _record_tokens(self, group: RequestGroup, seq: Request, logprobs: dict | list[dict] | None) -> int:
-        """Detokenize the sequence's new tokens (several after accepted speculative tokens),
-        note their logprobs, and apply stop strings: a stop string inside the step's tokens
-        drops the tokens after it, as if they had never been generated. Returns the number of
-        new tokens kept."""
-        detokenizer = group.detokenizers[seq.index]
-        if logprobs is not None:
-            entries = logprobs if isinstance(logprobs, list) else [logprobs]
-            start = len(seq.logprobs)
-            for token, entry in zip(seq.output_token_ids[start:], entries[: seq.num_output_tokens - start]):
-                seq.cumulative_logprob += entry[token].logprob
-                if group.params.detokenize:
-                    for token_id, logprob in entry.items():
-                        logprob.decoded_token = detokenizer.decode_token(token_id)
-                seq.logprobs.append(entry)
-        num_before = len(detokenizer.output_token_ids)
-        new_tokens = seq.output_token_ids[num_before:]
-        if detokenizer.finished or not new_tokens:
-            return len(new_tokens)
-        # EOS or a stop token id ended it: that token's text is not part of the output.
-        stop_terminated = seq.status == RequestStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
-        stop = None
-        for i, token in enumerate(new_tokens):
-            last = i == len(new_tokens) - 1
-            stop = detokenizer.update([token], stop_terminated=stop_terminated and last)
-            if stop is not None:
-                break
-        if stop is not None:
-            seq.truncate_output(len(detokenizer.output_token_ids))
-            if seq.is_finished:
-                seq.status, seq.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-            else:
-                self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED, stop_reason=stop)
-        return len(detokenizer.output_token_ids) - num_before
 
     def check_health(self) -> None:
         """Raise when the engine can no longer step (a tensor-parallel worker died)."""

@@ -21,8 +21,9 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from pagedserve.core.engine import LLMEngine, StepStats
+    from pagedserve.core.engine import LLMEngine
     from pagedserve.core.outputs import RequestOutput
+    from pagedserve.core.step_stats import StepStats
 
 hookspec = pluggy.HookspecMarker("pagedserve")
 hookimpl = pluggy.HookimplMarker("pagedserve")

@@ -15,8 +15,9 @@ from pagedserve.core.hookspecs import hookimpl
 from pagedserve.core.outputs import EmbeddingRequestOutput
 
 if TYPE_CHECKING:
-    from pagedserve.core.engine import LLMEngine, StepStats
+    from pagedserve.core.engine import LLMEngine
     from pagedserve.core.outputs import RequestOutput
+    from pagedserve.core.step_stats import StepStats
 
 PREFIX = "pagedserve:"
 # fmt: off
