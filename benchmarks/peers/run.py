@@ -270,6 +270,11 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The CMake options of llama.cpp's CPU build recorded with the results (the rest are other backends').
+CPU_BUILD_OPTIONS = ("GGML_NATIVE", "GGML_OPENMP", "GGML_LLAMAFILE", "GGML_CPU", "GGML_BLAS", "GGML_AVX",
+                     "GGML_AMX", "GGML_F16C", "GGML_FMA", "GGML_BMI2")
+
+
 def llama_cpp_info(server: str, source: str | None) -> dict[str, Any]:
     """What llama-server was built from and how: its ``--version``, the llama.cpp commit the
     llama-cpp-python sdist vendors (its CHANGELOG names it), and the build's CMake options."""
@@ -291,19 +296,10 @@ def llama_cpp_info(server: str, source: str | None) -> dict[str, Any]:
         for line in cache.read_text().splitlines():
             name, _, value = line.partition("=")
             key, _, kind = name.partition(":")
-            if kind in ("BOOL", "STRING") and (key.startswith("GGML_") or key in ("CMAKE_BUILD_TYPE",)):
-                if value not in ("", "OFF") or key == "GGML_NATIVE":
-                    flags[key] = value
+            if key == "CMAKE_BUILD_TYPE" or (kind == "BOOL" and key.startswith(CPU_BUILD_OPTIONS)):
+                flags[key] = value
         info["cmake"] = flags
     return info
-
-
-def system_info(log: Path) -> str | None:
-    """The CPU features llama-server reports using (its ``system_info`` line)."""
-    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-        if "system_info" in line:
-            return line.split("system_info:", 1)[-1].strip()
-    return None
 
 
 def main() -> None:
@@ -359,9 +355,6 @@ def main() -> None:
         results["precisions"][precision] = {}
         for model in args.models.split(","):
             results["precisions"][precision][model] = measure(args, model, precision)
-            if "llama.cpp" in args.systems and "system_info" not in results["llama.cpp"]:
-                results["llama.cpp"]["system_info"] = system_info(
-                    Path(args.log_dir) / f"llama-server-{model}-{precision}.log")
             results["seconds"] = time.perf_counter() - started
             output.write_text(json.dumps(results, indent=1))  # what is done so far
     markdown = table(results)

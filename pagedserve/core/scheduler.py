@@ -248,7 +248,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         step = _StepBuilder(self.config.max_num_batched_tokens)
         self._schedule_running(step)
-        if not step.preempted:  # blocks ran short: nothing new this step
+        if self.waiting and not step.preempted:  # preempted: blocks ran short, nothing new this step
             self._make_seats(step)
             self._admit_waiting(step)
         scheduled = list(step.entries.values())
