@@ -89,17 +89,24 @@ class Worker:
         self.proc.wait(timeout=60)
 
 
+class ServerExited(RuntimeError):
+    def __init__(self, message: str, returncode: int) -> None:
+        super().__init__(message)
+        self.returncode = returncode
+
+
 class Server:
     """An OpenAI-compatible server process, and the same concurrent client for every server."""
 
     def __init__(self, command: list[str], port: int, threads: int, name: str, log: Path) -> None:
-        self.name, self.port, self.log = name, port, log
+        self.name, self.port, self.log, self.command = name, port, log, command
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
         for _ in range(600):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited ({self.proc.returncode}): {' '.join(command)}; see {log}")
+                raise ServerExited(f"{name} exited ({self.proc.returncode}): {' '.join(command)}; see {log}",
+                                   self.proc.returncode)
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()
@@ -132,11 +139,23 @@ class Server:
 
 
 def start_systems(args: argparse.Namespace, model: str, precision: str, wanted: set[str]) -> dict[str, Any]:
+    """Every wanted system, started (any already started are stopped if one fails)."""
+    systems: dict[str, Any] = {}
+    try:
+        _start_systems(args, model, precision, wanted, systems)
+    except BaseException:
+        for system in systems.values():
+            system.close()
+        raise
+    return systems
+
+
+def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted: set[str],
+                   systems: dict[str, Any]) -> None:
     folder = Path(args.models_dir) / model
     gguf_type, ct2_type, pagedserve_extra = PRECISIONS[precision]
     options = [f"--{name.replace('_', '-')}={value}" for name, value in pagedserve_extra.items()]
     logs = Path(args.log_dir)
-    systems: dict[str, Any] = {}
     if "pagedserve" in wanted:
         systems["pagedserve"] = Worker(sys.executable, "pagedserve", str(folder), args.threads, pagedserve_extra)
     if "pagedserve-serve" in wanted:
@@ -148,15 +167,23 @@ def start_systems(args: argparse.Namespace, model: str, precision: str, wanted: 
         gguf = Path(args.gguf_dir) / f"{model}-{gguf_type}.gguf"
         command = [args.llama_server, "-m", str(gguf), "--port", str(args.port + 1), "-t", str(args.threads),
                    "-tb", str(args.threads), "-np", "64", "-c", str(64 * 512), "-cb", "--no-webui"]
-        systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server",
-                                      logs / f"llama-server-{model}-{precision}.log")
+        log = logs / f"llama-server-{model}-{precision}.log"
+        try:
+            systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server", log)
+        except ServerExited as exc:
+            if exc.returncode != -signal.SIGILL:
+                raise
+            # ggml's AMX int8 kernels (the Q8_0 weights repacked for AMX) can die of an illegal
+            # instruction where the CPU lists AMX but the virtual machine does not keep the tile
+            # state: run without the repacked weights (noted in the results), not without llama.cpp.
+            print(f"llama-server died of SIGILL ({log}); restarting it with --no-repack", flush=True)
+            systems["llama.cpp"] = Server([*command, "--no-repack"], args.port + 1, args.threads, "llama-server", log)
     if "ctranslate2" in wanted and ct2_type is not None:
         ct2 = Path(args.ct2_dir) / f"{model}"
         systems["ctranslate2"] = Worker(args.ct2_python, "ctranslate2", str(ct2), args.threads,
                                         {"compute_type": ct2_type})
     if "transformers" in wanted and precision == "fp32":
         systems["transformers"] = Worker(args.hf_python, "transformers", str(folder), args.threads, {})
-    return systems
 
 
 Work = dict[str, tuple[list[list[int]], list[int]]]
@@ -227,7 +254,9 @@ def measure(args: argparse.Namespace, model: str, precision: str) -> dict[str, A
         runs["serve-64"]["llama.cpp"] = runs["offline-64"]["llama.cpp"]
     medians = {name: {s: statistics.median(r["tokens_per_s"] for r in rs) for s, rs in by.items()}
                for name, by in runs.items()}
-    return {"rounds": rounds, "scenarios": names, "sequential_prompts": sequential, "runs": runs,
+    commands = {name: system.command for name, system in systems.items() if isinstance(system, Server)}
+    return {"rounds": rounds, "scenarios": names, "sequential_prompts": sequential, "server_commands": commands,
+            "runs": runs,
             "median_tokens_per_s": medians, "targets": targets(model, medians)}
 
 
@@ -346,6 +375,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(), "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "cpu_flags": cpu_flags(), "load_average_at_start": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "threads": args.threads, "num_prompts": args.num_prompts, "lengths": args.lengths, "batch1_tokens": args.batch1_tokens,
         "seed": args.seed, "precisions": {},
     }
