@@ -24,63 +24,16 @@ base-model requests pass it.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
 
 from pagedserve.core.config import SchedulerConfig
 from pagedserve.core.kv_cache import KVCacheManager
 from pagedserve.core.lora import AdapterLimit, adapter_ids
 from pagedserve.core.policies import SchedulingPolicy
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.schedule import ScheduledRequest, SchedulerOutput, StepBuilder
 from pagedserve.core.speculative import SpecDecodingStats
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    #: This step computes up to ``request.num_tokens``, so the runner samples one token; False
-    #: for a non-final chunk of a chunked prefill.
-    sample: bool
-    #: Of ``num_new_tokens``, the last ones are these many proposed tokens
-    #: (``request.spec_token_ids``): the runner samples ``1 + num_spec_tokens`` positions and
-    #: verifies them.
-    num_spec_tokens: int = 0
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest]
-    total_num_scheduled_tokens: int
-    #: Copy-on-write block copies ``(src, dst)`` to do before the forward.
-    blocks_to_copy: list[tuple[int, int]]
-    #: Requests preempted (blocks freed, back to waiting) while building this step.
-    preempted: list[Request]
-
-
-class _StepBuilder:
-    """One step's schedule while it is being built: the entries, the token budget left."""
-
-    def __init__(self, token_budget: int) -> None:
-        self.entries: dict[str, ScheduledRequest] = {}
-        self.budget = token_budget
-        self.preempted: list[Request] = []
-
-    def add(self, request: Request, num_new_tokens: int, num_spec_tokens: int = 0) -> None:
-        sample = request.num_computed_tokens + num_new_tokens - num_spec_tokens == request.num_tokens
-        self.entries[request.request_id] = ScheduledRequest(
-            request, num_new_tokens, sample, num_spec_tokens
-        )
-        self.budget -= num_new_tokens
-        if request.first_scheduled_time is None:
-            request.first_scheduled_time = time.monotonic()
-
-    def unschedule(self, request: Request) -> None:
-        entry = self.entries.pop(request.request_id, None)
-        if entry is not None:
-            self.budget += entry.num_new_tokens
 
 
 class Scheduler:
@@ -246,7 +199,7 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        step = _StepBuilder(self.config.max_num_batched_tokens)
+        step = StepBuilder(self.config.max_num_batched_tokens)
         self._schedule_running(step)
         if self.waiting and not step.preempted:  # preempted: blocks ran short, nothing new this step
             self._make_seats(step)
@@ -263,7 +216,7 @@ class Scheduler:
         target = request.fork_point if request.fork_children else request.num_tokens
         return target - request.num_computed_tokens
 
-    def _schedule_running(self, step: _StepBuilder) -> None:
+    def _schedule_running(self, step: StepBuilder) -> None:
         for request in list(self.running):
             if step.budget == 0:
                 break
@@ -325,7 +278,7 @@ class Scheduler:
             seats[request.parent_id] += 1 + len(request.fork_children)
         return seats
 
-    def _make_seats(self, step: _StepBuilder) -> None:
+    def _make_seats(self, step: StepBuilder) -> None:
         """Fair seats (see the module docstring): free seats for the first waiting request
         that holds none, from the request holding the most, down to one sequence each."""
         seats = self._seats_by_request()
@@ -347,7 +300,7 @@ class Scheduler:
             seats[parent] -= 1
             missing -= 1
 
-    def _admit_waiting(self, step: _StepBuilder) -> None:
+    def _admit_waiting(self, step: StepBuilder) -> None:
         seats_by_request = self._seats_by_request()
         seats = sum(seats_by_request.values())
         # Requests holding no seat first (fair seats), each part in the policy's order.
@@ -362,7 +315,7 @@ class Scheduler:
         finally:
             self.waiting[:0] = not_ready
 
-    def _admit_ready(self, step: _StepBuilder, seats: int) -> None:
+    def _admit_ready(self, step: StepBuilder, seats: int) -> None:
         adapters = AdapterLimit(self.max_loras, self.running)
         index = 0
         while index < len(self.waiting) and step.budget > 0:
@@ -405,7 +358,7 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
-    def _schedule_without_preemption(self, step: _StepBuilder, request: Request) -> None:
+    def _schedule_without_preemption(self, step: StepBuilder, request: Request) -> None:
         num_new = min(self._tokens_to_compute(request), step.budget)
         if num_new > 0 and self.kv_cache.allocate_slots(request, num_new):
             step.add(request, num_new)
