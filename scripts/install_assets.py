@@ -77,6 +77,7 @@ def install_draft(folder: Path, manifest: dict[str, Any]) -> None:
     entry["training"] = {"steps": report["steps"], "tokens": report["steps"] * report["batch_size"] * report["context"],
                          "wall_s": report["wall_s"], "final_train_loss": None}
     entry["distillation"] = report
+    entry.pop("acceptance", None)  # measured with the weights replaced: --acceptance adds the new ones
     entry["evaluation"] = {
         "held_out_perplexity": round(perplexity(draft, windows), 3),
         "slice_perplexity": round(perplexity(draft, windows[:SLICE_WINDOWS]), 5),

@@ -81,20 +81,42 @@ def _stage2(entry: dict[str, Any], context: int) -> str:
 
 
 def _distillation(report: dict[str, Any]) -> str:
+    if "held_out_mean_accepted_length_after" not in report:  # a run of the script before it measured it
+        method = ("cross-entropy against the target's next-token distribution at every position; half of each "
+                  f"batch corpus windows, half the target's own continuations ({report['generated_sequences']}, "
+                  "greedy and sampled)")
+        initial = f"the previous (independently trained) draft, first {report['layers']} layer(s) kept"
+    else:
+        method = (f"{report['generated_rows']} of each batch's {report['batch_size']} rows the target's own greedy "
+                  f"continuations ({report['generated_sequences']} of them, from training files' starts and windows; "
+                  "cross-entropy against their tokens, i.e. the target's argmax: sequence-level distillation), the "
+                  "others corpus windows (cross-entropy against the target's softmax at temperature "
+                  f"{report['kd_temperature']} plus {report['hard_weight']}× against its argmax)")
+        initial = (f"the previously bundled draft (SHA-256 `{report['init_sha256'][:16]}…`), first {report['layers']} "
+                   "layer(s) kept")
     rows = [
-        ("method", "distilled from `pagedserve/tiny-py` (`scripts/distill_draft.py`): cross-entropy against the "
-                   "target's next-token distribution at every position; half of each batch corpus windows, half "
-                   f"the target's own continuations ({report['generated_sequences']}, greedy and sampled)"),
-        ("initial weights", f"the previous (independently trained) draft, first {report['layers']} layer(s) kept"),
-        ("steps × batch", f"{report['steps']} × {report['batch_size']} windows of {report['context']} tokens, "
-                          f"peak learning rate {report['learning_rate']}, cosine to 0.1×"),
+        ("method", f"distilled from `pagedserve/tiny-py` (`scripts/distill_draft.py`): {method}"),
+        ("initial weights", initial),
+        ("steps × batch", f"{report['steps']} × {report['batch_size']} rows of {report['context']} tokens, "
+                          f"peak learning rate {report['learning_rate']}, cosine to 0.1×"
+                          + (f"; the checkpoint of step {report['kept_step']} kept (the best held-out accepted "
+                             "length)" if "kept_step" in report else "")),
         ("held-out greedy agreement with the target (8 windows)",
          f"{report['held_out_greedy_agreement_before']} before, {report['held_out_greedy_agreement_after']} after"),
+    ]
+    if "held_out_mean_accepted_length_after" in report:
+        rows.append((f"held-out mean accepted length at k = 4, greedy ({report['held_out_prompts']} prompts, "
+                     "computed from the models' outputs)",
+                     f"{report['held_out_mean_accepted_length_before']} before, "
+                     f"**{report['held_out_mean_accepted_length_after']}** after"))
+    rows += [
         ("seed / torch threads", f"{report['seed']} / {report['torch_threads']}"),
         ("wall time", f"{report['wall_s'] / 60:.1f} min training + {report['generation_s'] / 60:.1f} min "
                       "generating the target's continuations, on a shared 2-core CPU"),
-        ("command", f"`{report['command']}`"),
+        ("command", f"`{report['command']}`, then `python scripts/install_assets.py --draft OUT`"),
     ]
+    if "stopped" in report:
+        rows.append(("stopped", report["stopped"]))
     return "\n".join(f"| {name} | {value} |" for name, value in rows)
 
 
@@ -217,6 +239,23 @@ def _what_it_does(folder: str, entry: dict[str, Any]) -> str:
             "the chat APIs have something to render.")
 
 
+def _origin(entry: dict[str, Any]) -> str:
+    return "distilled from `pagedserve/tiny-py`" if "distillation" in entry else "trained from scratch"
+
+
+def _training_script(entry: dict[str, Any]) -> str:
+    return "scripts/distill_draft.py" if "distillation" in entry else "scripts/train_tiny_model.py"
+
+
+def _reproduce(manifest: dict[str, Any], entry: dict[str, Any]) -> str:
+    """The commands that rebuild the folder (a distilled draft: its distillation after the
+    target's training, from the draft bundled before it)."""
+    if "distillation" not in entry:
+        return manifest["command"]
+    return (f"{manifest['command']}\n{entry['distillation']['command']}\n"
+            "python scripts/install_assets.py --draft OUT --acceptance LATENCY_JSON")
+
+
 def render_card(folder: str, manifest: dict[str, Any], samples: list[tuple[str, str]], max_tokens: int,
                 chat_samples: list[tuple[str, str]] = ()) -> str:
     """Markdown for ``folder``'s README.md; ``samples`` are (prompt, greedy completion) pairs,
@@ -241,7 +280,7 @@ pipeline_tag: text-generation
 
 # {entry['short_name']}
 
-A tiny `{entry['architecture']}` trained from scratch on the Python standard library, shipped
+A tiny `{entry['architecture']}` {_origin(entry)} on the Python standard library, shipped
 inside pagedserve: {ROLES[folder]}. {_what_it_does(folder, entry)}
 
 ```python
@@ -276,7 +315,7 @@ Each file is one document, `<s>` + its tokens + `</s>`, concatenated.
 
 ## Training
 
-Plain PyTorch on the transformers model class, `scripts/train_tiny_model.py`:
+Plain PyTorch on the transformers model class, `{_training_script(entry)}`:
 
 | | |
 |---|---|
@@ -312,7 +351,7 @@ follows it, so a prompt ending in a bare newline ends in the middle of a token.
 ## Reproduce
 
 ```
-{manifest['command']}
+{_reproduce(manifest, entry)}
 ```
 
 with Python {versions['python']}, torch {versions['torch']}, transformers {versions['transformers']},
