@@ -24,6 +24,13 @@ def _json_object(value: Any) -> dict[str, Any] | None:
     return parsed
 
 
+def _level_or_json(value: Any) -> int | dict[str, Any] | None:
+    """vLLM's ``-O``/``--compilation-config``: a level (``-O3``) or a JSON object."""
+    if value is None or isinstance(value, (int, dict)):
+        return value
+    return int(value) if value.strip().isdigit() else _json_object(value)
+
+
 class _NargsPlusOption(click.Option):
     """vLLM's ``nargs="+"``: ``--lora-modules a=x b=y`` takes values up to the next option
     (``--lora-modules`` may also be repeated)."""
@@ -63,6 +70,9 @@ _ENGINE_OPTIONS = [
     click.option("--cuda-graph-sizes", type=int, multiple=True, cls=_NargsPlusOption, metavar="N [N ...]",
                  help="Decode batch sizes captured as CUDA graphs (one value N: 1, 2, 4, multiples of 8 "
                       "up to N; default up to --max-num-seqs)."),
+    click.option("--compilation-config", "-O", type=_level_or_json, default=None, metavar="LEVEL|JSON",
+                 help="vLLM's compilation level: -O3 compiles the CPU decode step (one graph per padded "
+                      "batch size; slower start, see docs/cli.md), 0 (default) runs it eagerly."),
     click.option("--device", default="auto"),
     click.option("--seed", type=int, default=0),
     click.option("--pooler-config", type=_json_object, default=None, metavar="JSON",
@@ -100,7 +110,7 @@ def engine_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     names = ("dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "num_kv_blocks", "enable_prefix_caching", "kv_cache_dtype", "load_format",
              "attention_backend", "torch_compile", "device", "seed", "pooler_config", "enable_lora",
-             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager", "sampler",
+             "max_loras", "max_lora_rank", "max_cpu_loras", "speculative_config", "enforce_eager", "sampler", "compilation_config",
              "tensor_parallel_size", "nnodes", "node_rank", "master_addr", "master_port")
     args = {name: kwargs[name] for name in names}
     args["cuda_graph_sizes"] = list(kwargs["cuda_graph_sizes"]) or None

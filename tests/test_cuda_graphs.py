@@ -127,3 +127,46 @@ def test_a_capture_failure_says_to_start_eagerly(tiny_model, monkeypatch) -> Non
     monkeypatch.setattr(PaddedDecode, "capture_all", fail)
     with pytest.raises(ConfigError, match="stream is capturing.*--enforce-eager"):
         LLM(str(tiny_model()), dtype="float32", max_num_seqs=4)
+
+
+@pytest.mark.slow
+def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model) -> None:
+    """compilation_config level 3 on the CPU: the padded decode steps run the inductor graph of
+    their size (one size here, compiles are slow), with transformers' greedy tokens in fp32;
+    the fifth request's prefill runs eagerly between them."""
+    model_dir = tiny_model()
+    expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
+    # Two values are taken as they are (one would mean 1, 2, 4); 64 is above max_num_seqs, dropped.
+    llm = LLM(str(model_dir), dtype="float32", compilation_config={"level": 3}, cuda_graph_sizes=[4, 64],
+              max_num_seqs=4)
+    padded = llm.engine.runner.padded_decode
+    assert padded.sizes == [4] and padded.forward is not llm.engine.runner.model
+    sizes = _count_padded_steps(llm)
+    assert greedy(llm, PROMPTS) == expected
+    assert set(sizes) == {4} and len(sizes) >= MAX_TOKENS // 2
+
+
+def test_compilation_config_takes_vllm_levels_and_refuses_the_rest() -> None:
+    from pagedserve.core.compiled_decode import default_compile_sizes
+
+    assert _config().compilation_level == 0
+    assert _config(compilation_config=3).compilation_level == 3
+    assert _config(compilation_config={"level": 0}).compilation_level == 0
+    for value, message in ((1, "level 1 is not supported"), ({"level": 2}, "level 2"),
+                           ({"level": 3, "backend": "eager"}, "'backend'"), ("3", "level '3'")):
+        with pytest.raises(ConfigError, match=message):
+            _config(compilation_config=value)
+    with pytest.raises(ConfigError, match="enforce_eager.*compilation_config"):
+        _config(compilation_config=3, enforce_eager=True)
+    assert default_compile_sizes(256) == [1, 2, 4, 8, 16, 32, 64]
+    assert default_compile_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert default_compile_sizes(1) == [1]
+
+
+def test_compiled_decode_is_refused_off_the_cpu(tiny_model, monkeypatch) -> None:
+    """Off the CPU decode steps are CUDA graphs: level 3 is refused there (the device faked)."""
+    from pagedserve.core.config import DeviceConfig
+
+    monkeypatch.setattr(DeviceConfig, "resolved", lambda self: "cuda")
+    with pytest.raises(ConfigError, match="compiles the CPU decode step.*'cuda'"):
+        LLM(str(tiny_model()), dtype="float32", compilation_config=3)

@@ -343,9 +343,20 @@ class EngineConfig:
     #: Given on the CPU, decode steps are padded the same way without capture (see
     #: ``core/cuda_graphs.py``).
     cuda_graph_sizes: list[int] | None = None
+    #: vLLM's ``compilation_config`` (``-O``): a level, or ``{"level": N}``. 0 (the default):
+    #: decode steps run eagerly on the CPU. 3: on the CPU, each padded decode size is one
+    #: static-shape inductor graph (``core/compiled_decode.py``), compiled at start-up. Read
+    #: into ``compilation_level``; levels 1 and 2 and other keys are refused.
+    compilation_config: int | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.speculative = SpeculativeConfig.from_value(self.speculative)
+        self.compilation_level = compilation_level(self.compilation_config)
+        if self.compilation_level and self.enforce_eager:
+            raise ConfigError(
+                "enforce_eager runs every step eagerly, so it cannot be combined with compilation_config "
+                f"level {self.compilation_level}; drop one of them"
+            )
         if not isinstance(self.enforce_eager, bool):
             raise ConfigError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         if self.cuda_graph_sizes is not None:
@@ -372,6 +383,7 @@ class EngineConfig:
                     ("enable_lora", self.lora.enable_lora),
                     ("speculative_config", self.speculative is not None),
                     ("torch_compile", self.torch_compile),
+                    ("compilation_config", bool(self.compilation_level)),
                 )
                 if on
             ]
@@ -403,6 +415,30 @@ class EngineConfig:
                 f"max_num_batched_tokens ({sched.max_num_batched_tokens}) must be at least "
                 f"max_num_seqs ({sched.max_num_seqs}) so every running request can decode"
             )
+
+
+#: What each supported ``compilation_config`` level does (vLLM's levels; 1 and 2 are not offered).
+COMPILATION_LEVELS = {
+    0: "no compilation",
+    3: "the CPU decode step compiled by inductor, one static-shape graph per padded batch size",
+}
+
+
+def compilation_level(value: int | dict[str, Any] | None) -> int:
+    """The level of a ``compilation_config`` (an int, ``{"level": N}``, or None for 0)."""
+    if value is None:
+        return 0
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"level"})
+        if unknown:
+            raise ConfigError(
+                f"compilation_config keys {unknown} are not supported; pagedserve reads only 'level'"
+            )
+        value = value.get("level", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value not in COMPILATION_LEVELS:
+        offered = "; ".join(f"{level}: {what}" for level, what in COMPILATION_LEVELS.items())
+        raise ConfigError(f"compilation_config level {value!r} is not supported (offered: {offered})")
+    return value
 
 
 #: Flat (vLLM-style) argument names -> (part of EngineConfig, field).
@@ -445,6 +481,7 @@ _FLAT_ARGS: dict[str, tuple[str | None, str]] = {
     "speculative_config": (None, "speculative"),
     "enforce_eager": (None, "enforce_eager"),
     "cuda_graph_sizes": (None, "cuda_graph_sizes"),
+    "compilation_config": (None, "compilation_config"),
 }
 
 

@@ -13,7 +13,9 @@ runner allocates one block beyond the scheduler's ``num_kv_blocks``), so they ca
 request's cache; their outputs are dropped.
 
 The same padded path runs on the CPU without capture (``cuda_graph_sizes`` given on the CPU), so
-the tests show it gives transformers' tokens exactly and only the capture itself needs a GPU.
+the tests show it gives transformers' tokens exactly and only the capture itself needs a GPU. With
+``compilation_config`` level 3 on the CPU, each size's forward is instead a static-shape inductor
+graph (``core/compiled_decode.py``), compiled by ``compile_all``.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class PaddedDecode:
     """Decode-only steps padded to the next of ``sizes``; with ``capture``, each size's forward
-    is a CUDA graph captured by ``capture_all`` and replayed by ``run``."""
+    is a CUDA graph captured by ``capture_all`` and replayed by ``run``; ``forward`` may be a
+    forward compiled for static shapes, each size compiled by ``compile_all``."""
 
     def __init__(self, config: EngineConfig, sizes: list[int], backend: AttentionBackend, forward: Forward,
                  pad_block: int, device: torch.device, capture: bool) -> None:
@@ -178,6 +181,20 @@ class PaddedDecode:
         with set_forward_context(self.backend, self.backend.build_metadata(layout)):
             hidden = self.forward(self.buffers.input_ids[:size], self.buffers.positions[:size])
         return hidden[:n]
+
+    def compile_all(self) -> None:
+        """Run every size once, the largest first, so that the compiled forward traces and
+        compiles each size's graph at start-up instead of in a request's step."""
+        start = time.perf_counter()
+        for size in reversed(self.sizes):
+            seq_lens = self.buffers.write([], [], [], size)
+            layout = self.buffers.layout(size, seq_lens, max(seq_lens))
+            with set_forward_context(self.backend, self.backend.build_metadata(layout)):
+                self.forward(self.buffers.input_ids[:size], self.buffers.positions[:size])
+        logger.info(
+            "compiled the decode step for %d batch sizes (%s) in %.1f s",
+            len(self.sizes), ", ".join(map(str, self.sizes)), time.perf_counter() - start,
+        )
 
     def capture_all(self) -> None:
         """Capture every size, the largest first, all in one memory pool (a smaller graph reuses

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pagedserve.core.compiled_decode import compile_decode, default_compile_sizes
 from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes, cuda_graph_reason
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
@@ -84,6 +85,11 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
 
     def _build(self, config: EngineConfig, plugins: PluginManager) -> None:
         self.device = torch.device(config.device.resolved())
+        if config.compilation_level == 3 and self.device.type != "cpu":
+            raise ConfigError(
+                f"compilation_config level 3 compiles the CPU decode step; on {self.device.type!r} "
+                "decode steps are CUDA graphs already: drop compilation_config"
+            )
         self.block_size = config.cache.block_size
         with phase("weights"):
             self.model = load_model(config.model, config.quantization, self.device.type)
@@ -107,7 +113,9 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
 
         #: Why decode steps are not CUDA graphs here (None: they are captured).
         self.cuda_graph_reason = cuda_graph_reason(config, self.device, self.backend)
-        pad = self.cuda_graph_reason is None or (self.device.type != "cuda" and config.cuda_graph_sizes is not None)
+        compiled = config.compilation_level == 3
+        cpu_padded = self.device.type != "cuda" and (config.cuda_graph_sizes is not None or compiled)
+        pad = self.cuda_graph_reason is None or cpu_padded
         with phase("KV cache"):
             self.num_kv_blocks = self._num_kv_blocks()
             # Padded decode rows write their K/V into one block beyond the scheduler's.
@@ -117,7 +125,15 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
         with phase("compile and warm-up" if config.torch_compile else "warm-up"):
             self._warm_up()
         self.padded_decode: PaddedDecode | None = None
-        if pad:
+        if compiled:
+            sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
+                config.scheduler.max_num_seqs)
+            forward = compile_decode(self.model, len(sizes))
+            self.padded_decode = PaddedDecode(config, sizes, self.backend, forward, self.num_kv_blocks,
+                                              self.device, capture=False)
+            with phase("decode step compile"), torch.inference_mode():
+                self.padded_decode.compile_all()
+        elif pad:
             self.padded_decode = PaddedDecode(
                 config, capture_sizes(config), self.backend, self.forward, self.num_kv_blocks, self.device,
                 capture=self.cuda_graph_reason is None,
