@@ -6,8 +6,8 @@ persistent buffers, the attention metadata built, the model forward, and the log
 rows. Every request sits at context ``--context``. Sampling, scheduling and detokenization are
 not included (the engine's share, measured by the peer benchmark).
 
-Both engines are built first (the compiled one compiles every size: its time is reported, and is
-much lower on a second run that finds inductor's on-disk caches). With ``--lock FILE`` the timed
+Every engine is built first (a compiled one compiles every size: its time is reported, and is
+much lower on a second run that finds inductor's on-disk caches), then all are timed. With ``--lock FILE`` the timed
 part waits for an exclusive ``flock`` on FILE, so compiles can run while another benchmark holds
 it and only the timing is serialised.
 
@@ -69,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     results = []
+    engines = {}
     for dtype in args.dtype.split(","):
         common = dict(dtype=dtype, cuda_graph_sizes=batches, max_num_seqs=max(batches),
                       num_kv_blocks=max(batches) * (args.context // 16 + 2), max_model_len=args.context + 16)
@@ -76,8 +77,9 @@ def main() -> None:
         start = time.perf_counter()
         compiled = LLM(args.model, compilation_config=3, **common)
         compile_seconds = time.perf_counter() - start
-        runners = {"eager": eager.engine.runner, "compiled": compiled.engine.runner}
-        with locked(args.lock), torch.inference_mode():
+        engines[dtype] = ({"eager": eager.engine.runner, "compiled": compiled.engine.runner}, compile_seconds)
+    with locked(args.lock), torch.inference_mode():
+        for dtype, (runners, compile_seconds) in engines.items():
             load = os.getloadavg()
             for batch in batches:
                 for runner in runners.values():  # warm: the first steps of a size pay a set-up
@@ -99,7 +101,6 @@ def main() -> None:
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
-        del eager, compiled, runners
     if args.output_json:
         with open(args.output_json, "w") as handle:
             json.dump(results, handle, indent=1)
