@@ -26,7 +26,7 @@ from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.startup import phase, startup
 from pagedserve.core.speculative import ProposalBatch, speculation_enabled_for
 from pagedserve.core.step_stats import StepStats
-from pagedserve.core.tokenizer import IncrementalDetokenizer, bad_words_token_ids, get_eos_token_ids, load_tokenizer
+from pagedserve.core.tokenizer import IncrementalDetokenizer, bad_words_token_ids, get_eos_token_ids, load_model_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class LLMEngine:
         self.max_model_len: int = model_config.max_model_len  # type: ignore[assignment]
 
         with phase("tokenizer"):
-            self.tokenizer = load_tokenizer(model_config.tokenizer or model_config.model_path, model_config.revision)
+            self.tokenizer = load_model_tokenizer(model_config)
         self.generation_config = load_generation_config(model_config.model_path)
         self.eos_token_ids = get_eos_token_ids(self.tokenizer, self.generation_config)
 

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
 
 from pagedserve.assets import bundled_model_path
 from pagedserve.core.config import ModelConfig
@@ -92,14 +91,41 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
         ) from exc
 
 
-def load_hf_config(path: str) -> PretrainedConfig:
-    """The folder's ``config.json`` through transformers' AutoConfig (no remote code)."""
-    if not (Path(path) / "config.json").is_file():
+def load_hf_config(path: str) -> Any:
+    """The folder's ``config.json``: read by the registered model class's ``config_from_dict``
+    where it has one that takes this config, else through transformers' AutoConfig (no remote
+    code). The first skips importing transformers' config classes, a second of start-up."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
         raise ModelLoadError(f"no config.json in {path}: is this a Hugging Face model folder?")
     try:
+        config = _config_from_model_class(file)
+        if config is not None:
+            return config
+        from transformers import AutoConfig
+
         return AutoConfig.from_pretrained(path, trust_remote_code=False)
     except ValueError as exc:
         raise ModelLoadError(f"cannot read the config in {path}: {exc}") from exc
+
+
+def _config_from_model_class(file: Path) -> Any:
+    """What the registered class of the config's architecture reads of it with its
+    ``config_from_dict`` (None: no such class or method, or it declines this config)."""
+    try:
+        values = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # AutoConfig says what is wrong with the file
+    architectures = values.get("architectures") if isinstance(values, dict) else None
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        return None
+    registry = get_plugin_manager().registry("models")
+    name = next((a for a in architectures if a in registry), None)
+    reader = getattr(registry.load(name), "config_from_dict", None) if name is not None else None
+    config = reader(values) if reader is not None else None
+    if config is not None:
+        config._name_or_path = str(file.parent)  # as AutoConfig names it
+    return config
 
 
 def get_model_max_len(hf_config: Any) -> int:

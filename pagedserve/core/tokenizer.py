@@ -8,6 +8,7 @@ Loading and templating are transformers'; incremental decoding is ``tokenizers``
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from functools import cache
 from pathlib import Path
@@ -23,15 +24,21 @@ from pagedserve.core.sampling_params import SamplingParams
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """A fast transformers tokenizer from a local folder or a hub id (never remote code)."""
+def load_tokenizer(path: str, revision: str | None = None, model_config: Any = None) -> PreTrainedTokenizerBase:
+    """A fast transformers tokenizer from a local folder or a hub id (never remote code).
+
+    ``model_config``: the model's config, read from the folder ``path`` already. AutoTokenizer
+    is given it instead of reading the config again through transformers' config classes (a
+    second of start-up) when the folder's ``tokenizer_config.json`` names its tokenizer class, the
+    case where AutoTokenizer only reads the config's ``model_type`` and name."""
     if os.path.isdir(path) and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
         raise ValueError(
             f"{path} has no tokenizer (expected one of {', '.join(TOKENIZER_FILES)}); "
             "point the tokenizer option at a folder or hub id that has one"
         )
+    given = {"config": model_config} if model_config is not None and _names_its_class(path) else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=False, **given)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
     if getattr(tokenizer, "backend_tokenizer", None) is None:
@@ -40,6 +47,25 @@ def load_tokenizer(path: str, revision: str | None = None) -> PreTrainedTokenize
             "which incremental detokenization needs"
         )
     return tokenizer
+
+
+def load_model_tokenizer(model_config: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer of a ``ModelConfig`` whose ``model_path`` and ``hf_config`` are resolved:
+    its ``tokenizer`` option's, or the model folder's (given the config read already)."""
+    own = model_config.tokenizer in (None, model_config.model_path)
+    return load_tokenizer(
+        model_config.tokenizer or model_config.model_path, model_config.revision,
+        model_config.hf_config if own else None,
+    )
+
+
+def _names_its_class(path: str) -> bool:
+    """Whether the folder's ``tokenizer_config.json`` names a tokenizer class (and no remote code)."""
+    try:
+        settings = json.loads((Path(path) / "tokenizer_config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(settings, dict) and isinstance(settings.get("tokenizer_class"), str) and "auto_map" not in settings
 
 
 def get_eos_token_ids(

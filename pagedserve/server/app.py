@@ -24,7 +24,7 @@ from pagedserve.core.async_engine import AsyncLLMEngine
 from pagedserve.core.config import EngineConfig
 from pagedserve.core.plugins import get_plugin_manager
 from pagedserve.core.sampling_params import generation_config_defaults
-from pagedserve.core.tokenizer import load_tokenizer
+from pagedserve.core.tokenizer import load_model_tokenizer
 from pagedserve.server import chat, completions, tokens
 from pagedserve.server.auth import bearer, require_api_key
 from pagedserve.server.connections import protocol_with_header_timeout
@@ -141,7 +141,7 @@ def create_app(
     limits.seqs_per_request(config.scheduler.max_num_seqs)  # ValueError now, not per request
 
     def tokenizer() -> PreTrainedTokenizerBase:
-        return load_tokenizer(model.tokenizer or model.model_path, model.revision)
+        return load_model_tokenizer(model)
 
     state = ServerState(
         engine=engine,

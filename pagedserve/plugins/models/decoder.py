@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
+from pagedserve.core.layers.activation import get_act_fn
 from pagedserve.core.layers.attention import Attention
 from pagedserve.core.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.core.layers.linear import Linear
@@ -186,7 +186,7 @@ class DenseMLP(nn.Module):
             prefix=f"{prefix}.down_proj",
             parallel="row",
         )
-        self.act_fn = ACT2FN[options.hidden_act]
+        self.act_fn = get_act_fn(options.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.gate_up_proj.output_sizes, dim=-1)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers.activations import ACT2FN
+
+from pagedserve.core.layers.activation import get_act_fn
 
 #: The activation dtype of oneDNN-packed experts (the only packed layout built here).
 ONEDNN_DTYPE = torch.bfloat16
@@ -60,7 +61,7 @@ def moe_cpu_experts(
     num_tokens, top_k = ids.shape
     int8 = bool(scales13)
     dtype = scales13[0].dtype if int8 else ONEDNN_DTYPE
-    act_fn = ACT2FN[activation]
+    act_fn = get_act_fn(activation)
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=len(w13)).tolist()

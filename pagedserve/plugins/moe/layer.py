@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
+from pagedserve.core.layers.activation import get_act_fn
 from pagedserve.core.layers.linear import default_weight_loader
 from pagedserve.core.layers.quantization import QuantizationConfig
 from pagedserve.plugins.moe import cpu_experts
@@ -169,7 +169,7 @@ class FusedMoE(nn.Module):
         self.renormalize = renormalize
         self.prefix = prefix
         self.activation_name = activation
-        self.act_fn = ACT2FN[activation]
+        self.act_fn = get_act_fn(activation)
         #: Per-expert weights in a CPU kernel's layout (``cpu_experts.moe_cpu_experts``' w13, w2,
         #: scales13, scales2), set by the method after loading; None: the stacked weights.
         self.cpu_weights: tuple[list[torch.Tensor], ...] | None = None
