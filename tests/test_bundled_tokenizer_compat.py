@@ -42,11 +42,16 @@ def probe(python: str) -> dict:
 
 
 def old_transformers_python() -> str:
+    """A venv of its own with transformers 4.45 (and its tokenizers, huggingface_hub) in it, built
+    once: without pip of its own (this venv's pip installs into it, ``--python``, which skips
+    ensurepip's pip and setuptools) and without compiling bytecode (the probe imports a few
+    hundred of transformers' thousands of modules)."""
     python = OLD_VENV / "bin" / "python"
     if not python.exists():
-        venv.create(OLD_VENV, with_pip=True, clear=True)
+        venv.create(OLD_VENV, with_pip=False, clear=True)
         install = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", f"transformers=={OLD_TRANSFORMERS}", "jinja2"],
+            [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile",
+             "--disable-pip-version-check", f"transformers=={OLD_TRANSFORMERS}", "jinja2"],
             capture_output=True, text=True, timeout=600,
         )
         if install.returncode != 0:

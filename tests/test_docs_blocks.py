@@ -136,6 +136,12 @@ def _words(command: str) -> list[str]:
     return words
 
 
+def _left_for_subcommand(ctx: click.Context) -> list[str]:
+    """The words a group's context left for its subcommand: Click 8 keeps the subcommand's name
+    apart (its ``protected_args``, deprecated since 8.2), Click 9 leaves all of them in ``args``."""
+    return [*getattr(ctx, "_protected_args", ()), *ctx.args]
+
+
 @pytest.mark.parametrize("block", checked(SHELLS), ids=lambda b: b.name)
 def test_shell_commands_parse(block: Block) -> None:
     cli = _cli()
@@ -143,12 +149,12 @@ def test_shell_commands_parse(block: Block) -> None:
         words = _words(command)
         try:
             with cli.make_context("pagedserve", list(words), resilient_parsing=False) as ctx:
-                group_args = ctx.protected_args + ctx.args
+                group_args = _left_for_subcommand(ctx)
                 while isinstance(ctx.command, click.Group) and group_args:
                     sub = ctx.command.get_command(ctx, group_args[0])
                     assert sub is not None, f"{block.name}: no command {group_args[0]!r} in {command!r}"
                     ctx = sub.make_context(group_args[0], group_args[1:], parent=ctx)
-                    group_args = ctx.protected_args + ctx.args if isinstance(sub, click.Group) else []
+                    group_args = _left_for_subcommand(ctx) if isinstance(sub, click.Group) else []
         except click.exceptions.Exit:
             pass  # --help, --version
         except click.UsageError as exc:

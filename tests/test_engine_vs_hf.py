@@ -13,17 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pagedserve import LLM, SamplingParams
 from pagedserve.assets import BUNDLED_MODELS
 from pagedserve.core.loader import resolve_model_path
+from prompts import CODE_PROMPTS
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):\n        self.path = path\n",
-    "x = 1",
-    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n    else:\n        continue\n# done with the loop and now"
-    " the rest of the program goes here, a longer line to make a prompt of several blocks",
-    "return self._data[key]",
-]
+PROMPTS = CODE_PROMPTS
 MAX_TOKENS = 24
 
 CONFIGS = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prompts import CODE_PROMPTS
 from tiny_models import make_tiny_model
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,13 +23,7 @@ from pagedserve.plugins.quant.quantize_cli import quantize
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):\n        self.path = path\n",
-    "x = 1",
-    "for i in range(10):\n    if i % 2 == 0:\n        print(i)\n    else:\n        continue\n# done with the loop and now"
-    " the rest of the program goes here, a longer line to make a prompt of several blocks",
-]
+PROMPTS = CODE_PROMPTS[:4]
 MAX_TOKENS = 20
 #: Small enough that the long prompts prefill in chunks and the batch preempts for KV blocks.
 ENGINE_ARGS = {
