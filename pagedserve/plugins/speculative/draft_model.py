@@ -34,6 +34,7 @@ import torch
 
 from pagedserve.assets import DEFAULT_MODEL, DRAFT_MODEL, bundled_model_path
 from pagedserve.core.config import ConfigError, EngineConfig, ModelConfig
+from pagedserve.core.compiled_decode import compile_decode, default_compile_sizes
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention
@@ -161,8 +162,18 @@ class DraftModelProposer(Proposer):
         for layer in self.layers:
             shape = self.backend.kv_cache_shape(num_blocks + 1, self.block_size, layer.num_kv_heads, layer.head_size)
             layer.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self._decode = PaddedDecode(self.config, capture_sizes(self.config), self.backend, self.model, num_blocks,
-                                    self.device, capture=False)
+        config = self.config
+        if config.compilation_level == 3:  # the target's compiled CPU decode step, for the draft too
+            sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
+                config.scheduler.max_num_seqs)
+            # Both models' graphs hang on the one forward code object (dynamo's recompile limit).
+            forward = compile_decode(self.model, 2 * len(sizes))
+            self._decode = PaddedDecode(config, sizes, self.backend, forward, num_blocks, self.device, capture=False)
+            with torch.inference_mode():
+                self._decode.compile_all()
+        else:
+            self._decode = PaddedDecode(config, capture_sizes(config), self.backend, self.model, num_blocks,
+                                        self.device, capture=False)
 
     # -- proposing -----------------------------------------------------------------------------
 
