@@ -171,12 +171,14 @@ def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted:
         try:
             systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server", log)
         except ServerExited as exc:
-            if exc.returncode != -signal.SIGILL:
+            if exc.returncode >= 0:
                 raise
-            # ggml's AMX int8 kernels (the Q8_0 weights repacked for AMX) can die of an illegal
-            # instruction where the CPU lists AMX but the virtual machine does not keep the tile
-            # state: run without the repacked weights (noted in the results), not without llama.cpp.
-            print(f"llama-server died of SIGILL ({log}); restarting it with --no-repack", flush=True)
+            # ggml's AMX int8 kernels (the Q8_0 weights repacked for AMX) die of an illegal
+            # instruction or a segmentation fault where the CPU lists AMX but the virtual machine
+            # does not keep the tile state: run without the repacked weights (the command is in
+            # the results), not without llama.cpp.
+            print(f"llama-server died of signal {-exc.returncode} ({log}); restarting it with --no-repack",
+                  flush=True)
             systems["llama.cpp"] = Server([*command, "--no-repack"], args.port + 1, args.threads, "llama-server", log)
     if "ctranslate2" in wanted and ct2_type is not None:
         ct2 = Path(args.ct2_dir) / f"{model}"
