@@ -130,15 +130,16 @@ def test_the_page_draws_the_block_grid_live_in_chromium(server: Server, tmp_path
             prompts = [f"# request {i}\nimport os\n" * (i + 1) for i in range(8)]
             runner = run_requests(server, prompts, max_tokens=300)  # seconds, on any machine
             wait_until(page, f"({CANVAS_COUNT})('used') > 0")
-            # One frame: the cells drawn in use are the blocks the legend counts in use.
-            drawn, counted = page.evaluate(
-                f"[({CANVAS_COUNT})('used'), document.getElementById('used-blocks').textContent]")
+            # One frame: the cells drawn in use are the blocks the legend counts in use, and the
+            # running requests' progress bars are drawn (the page's CSP allows no inline style
+            # attribute). Read while the requests run: once they finish the list is empty.
+            drawn, counted, widths = page.evaluate(
+                f"[({CANVAS_COUNT})('used'), document.getElementById('used-blocks').textContent,"
+                " [...document.querySelectorAll('#running .bar span')].map(s => s.offsetWidth)]")
             assert drawn == int(counted) > 0
+            assert widths and max(widths) > 0
             page.screenshot(path=str(ARTIFACTS / "dashboard-running.png"), full_page=True)
             runner.join()
-            # The progress bars are drawn (the page's CSP allows no inline style attribute).
-            widths = page.evaluate("[...document.querySelectorAll('#running .bar span')].map(s => s.offsetWidth)")
-            assert widths and max(widths) > 0
             wait_until(page, f"({CANVAS_COUNT})('used') === 0")
             assert page.text_content("#used-blocks") == "0" and page.text_content("#running-count") == "0"
             assert grid_cells(page, "cached") + grid_cells(page, "free") == int(
