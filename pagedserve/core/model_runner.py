@@ -33,7 +33,7 @@ from pagedserve.distributed.workers import WorkerGroup
 
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
-    from pagedserve.core.scheduler import SchedulerOutput
+    from pagedserve.core.schedule import SchedulerOutput
 
 __all__ = ["ModelRunner", "ModelRunnerBase", "select_attention_backend"]
 

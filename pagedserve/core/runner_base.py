@@ -19,7 +19,7 @@ from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
     from pagedserve.core.sampling import TokenLogprobs
-    from pagedserve.core.scheduler import SchedulerOutput
+    from pagedserve.core.schedule import SchedulerOutput
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pagedserve.core.request import Request
-    from pagedserve.core.scheduler import ScheduledRequest
+    from pagedserve.core.schedule import ScheduledRequest
 
 
 @dataclass
