@@ -24,10 +24,15 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pagedserve", *args]
 
 
-def time_to_first_output(args: list[str], timeout: float = TIMEOUT_S) -> dict[str, float]:
-    """Seconds from spawning ``pagedserve ARGS`` to its first byte on stdout, and to its exit."""
+#: The floor under every command here: a bare ``import torch``, timed the same way, so that
+#: figures from machines of different speeds can be told apart.
+IMPORT_TORCH = [sys.executable, "-c", "import torch; print(flush=True)"]
+
+
+def time_to_first_output(command: list[str], timeout: float = TIMEOUT_S) -> dict[str, float]:
+    """Seconds from spawning ``command`` to its first byte on stdout, and to its exit."""
     start = time.perf_counter()
-    process = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert process.stdout is not None
     first: float | None = None
     with selectors.DefaultSelector() as selector:
@@ -40,11 +45,11 @@ def time_to_first_output(args: list[str], timeout: float = TIMEOUT_S) -> dict[st
     if first is None:
         process.kill()
         process.wait()
-        raise RuntimeError(f"pagedserve {' '.join(args)} printed nothing (exit code {process.returncode})")
+        raise RuntimeError(f"{' '.join(command)} printed nothing (exit code {process.returncode})")
     process.stdout.read()
     code = process.wait(timeout=timeout)
     if code != 0:
-        raise RuntimeError(f"pagedserve {' '.join(args)} exited with {code}")
+        raise RuntimeError(f"{' '.join(command)} exited with {code}")
     return {"first_output_s": first, "exit_s": time.perf_counter() - start}
 
 
@@ -83,13 +88,14 @@ def time_to_health(args: list[str], timeout: float = TIMEOUT_S) -> dict[str, flo
 
 
 def run_startup(model_args: list[str], num_runs: int, prompt: str) -> dict[str, Any]:
-    """``num_runs`` of each measurement (and of ``pagedserve --help``, the import floor of the
-    CLI), with the best and the median of each."""
-    runs: dict[str, list[float]] = {"help_s": [], "generate_first_token_s": [], "generate_exit_s": [],
-                                    "serve_health_s": []}
+    """``num_runs`` of each measurement (and of ``import torch`` and ``pagedserve --help``, the
+    import floors), with the best and the median of each."""
+    runs: dict[str, list[float]] = {"import_torch_s": [], "help_s": [], "generate_first_token_s": [],
+                                    "generate_exit_s": [], "serve_health_s": []}
     for _ in range(num_runs):
-        runs["help_s"].append(time_to_first_output(["--help"])["first_output_s"])
-        generated = time_to_first_output(["generate", *model_args, "--max-tokens", "4", prompt])
+        runs["import_torch_s"].append(time_to_first_output(IMPORT_TORCH)["first_output_s"])
+        runs["help_s"].append(time_to_first_output(_command("--help"))["first_output_s"])
+        generated = time_to_first_output(_command("generate", *model_args, "--max-tokens", "4", prompt))
         runs["generate_first_token_s"].append(generated["first_output_s"])
         runs["generate_exit_s"].append(generated["exit_s"])
         runs["serve_health_s"].append(time_to_health(model_args)["health_s"])
