@@ -195,3 +195,21 @@ def test_step_counts_add_up_to_request_metrics(model) -> None:
     names = ["spec_num_drafts", "spec_num_draft_tokens", "spec_num_accepted_tokens"]
     assert totals == [sum(o.metrics.get(n, 0) for o in finished.values()) for n in names]
     assert totals[0] > 0
+
+
+def test_draft_runs_in_float32_on_the_cpu_under_a_bfloat16_target(model) -> None:
+    """On the CPU the draft's weights and KV are float32 whatever the target's dtype (its
+    few-row matmuls are cheaper so). Not compared token for token with plain decoding: in
+    bfloat16 a 1 + k token verification rounds differently from k + 1 one-token steps."""
+    import torch
+
+    model_dir, _, draft = model
+    spec = LLM(model_dir, dtype="bfloat16", speculative_config=spec_config("draft_model", draft))
+    proposer = spec.engine.runner.proposer
+    assert next(proposer.model.parameters()).dtype == torch.float32
+    assert all(layer.kv_cache.dtype == torch.float32 for layer in proposer.layers)
+    assert next(spec.engine.runner.model.parameters()).dtype == torch.bfloat16
+    outputs = spec.generate(BASE, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                            use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_TOKENS] * len(BASE)
+    assert sum(o.metrics.get("spec_num_draft_tokens", 0) for o in outputs) > 0

@@ -80,6 +80,16 @@ def _one_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _draft_dtype(config: EngineConfig, device: torch.device) -> str:
+    """The draft's dtype: the target's, except on the CPU, where a draft runs in float32.
+
+    A draft step multiplies a few rows by a small hidden size; there a bfloat16 matmul's fixed
+    cost (oneDNN's set-up for the AMX path, tens of microseconds a call) is several times the
+    float32 one's, and the norms and activations upcast and downcast around it. float32 weights
+    of a draft are a few MB, and its KV cache is its own."""
+    return "float32" if device.type == "cpu" else config.model.dtype
+
+
 def _tokenizer_vocab(folder: str) -> dict[str, int] | None:
     file = Path(folder) / "tokenizer.json"
     if not file.is_file():
@@ -105,7 +115,7 @@ class DraftModelProposer(Proposer):
                 f"speculative_config method 'draft_model' needs a 'model' (the draft's folder): "
                 f"{config.model.model} has no bundled default draft"
             )
-        draft_config = ModelConfig(model=name, dtype=config.model.dtype, seed=config.model.seed)
+        draft_config = ModelConfig(model=name, dtype=_draft_dtype(config, runner.device), seed=config.model.seed)
         draft_config.model_path = resolve_model_path(name)
         draft_config.hf_config = load_hf_config(draft_config.model_path)
         self._check_compatible(config, draft_config)
