@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -16,6 +17,20 @@ from tiny_models import make_tiny_model  # noqa: E402
 from tiny_tokenizer import train_tokenizer  # noqa: E402
 
 VOCAB_SIZE = 512
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Split the cores between xdist's workers: each worker (and every server or CLI it starts,
+    through ``OMP_NUM_THREADS``) gets ``cores // workers`` torch threads. With two workers of two
+    OpenMP threads each on two cores, the threads spin against each other: a transformers
+    ``generate`` in the tests took 6x longer than with one thread."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
