@@ -202,7 +202,7 @@ class SpeculativeConfig:
     #: draft_model (not a vLLM key; vLLM always drafts k): the draft stops after proposing a
     #: token it gave less than this probability, saving the forwards whose proposals would
     #: most likely be rejected; 0 always drafts ``num_speculative_tokens``.
-    draft_confidence_threshold: float = 0.2
+    draft_confidence_threshold: float = 0.4
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
