@@ -22,7 +22,14 @@ from pagedserve.assets import DEFAULT_MODEL, bundled_model_path
 from pagedserve.assets.corpus import eval_windows, split_files, token_stream
 from pagedserve.core.layers.linear import Linear
 from pagedserve.plugins.moe import FusedMoE
-from pagedserve.plugins.quant.int8 import Int8Config, int8_matmul, quantize_int8
+from pagedserve.plugins.quant.int8 import (
+    Int8Config,
+    CPU_HAS_INT8_DOT,
+    int8_cpu_kernel,
+    int8_matmul,
+    quantize_int8,
+    quantize_rows,
+)
 
 #: Held-out windows scored (of 128 tokens: about 4k predicted tokens per model).
 NUM_WINDOWS = 32
@@ -41,13 +48,31 @@ def test_quantize_int8_rounds_each_output_channel_to_its_own_scale() -> None:
     assert q[5].eq(0).all() and torch.isfinite(scale).all()
 
 
-@pytest.mark.parametrize("rows", [1, 5, 70])
-def test_int8_matmul_matches_the_dequantized_weight(rows: int) -> None:
+@pytest.mark.parametrize(
+    ("rows", "kernel"),
+    [(1, "weight_only"), (3, "weight_only"), (5, "int8_gemm"), (15, "int8_gemm"), (70, "dequantize")],
+)
+def test_int8_matmul_matches_the_dequantized_weight(rows: int, kernel: str) -> None:
+    """The dequantized weight's result, by each of ``int8_cpu_kernel``'s kernels (``2 * rows``
+    rows of a 96 x 64 weight); with the int8 GEMM (where the CPU has int8 dot products) on the
+    activations quantized per row, within 1% of the unquantized activations' in norm."""
+    if kernel == "int8_gemm" and not CPU_HAS_INT8_DOT:
+        kernel = "weight_only"
     torch.manual_seed(rows)
     weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(2, rows, 64)
     q, scale = quantize_int8(weight)
-    expected = x @ (q.float() * scale[:, None]).T + bias
-    out = int8_matmul(x, q, scale.to(torch.bfloat16 if rows == 5 else torch.float32), bias)
+    dequantized = (q.float() * scale[:, None]).T
+    scale_dtype = torch.bfloat16 if rows in (3, 5) else torch.float32
+    activations = x
+    assert int8_cpu_kernel(2 * rows, q) == kernel
+    if kernel == "int8_gemm":
+        q_rows, row_scale = quantize_rows(x.reshape(-1, 64).to(scale_dtype))
+        assert q_rows.dtype == torch.int8 and q_rows.abs().amax(dim=1).eq(127).all()
+        activations = (q_rows.float() * row_scale).view_as(x)
+        unquantized = x @ dequantized + bias
+        assert ((activations @ dequantized + bias - unquantized).norm() / unquantized.norm()) < 0.01
+    expected = activations @ dequantized + bias
+    out = int8_matmul(x, q, scale.to(scale_dtype), bias)
     assert out.dtype == x.dtype and out.shape == (2, rows, 96)
     # bfloat16 activations (where the CPU has them) round to 8 bits of mantissa.
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=5e-2)

@@ -7,9 +7,12 @@ Two layouts, chosen after loading (``FusedMoE``'s methods):
   into the blocked layout oneDNN's (AMX) kernels read (``mkldnn._reorder_linear_weight``, what
   inductor's freezing does to a linear layer's weight). A bf16 matmul on a plain weight re-lays
   the weight out at every call, which made small bf16 matmuls slower than float32 ones.
-- **int8 weight-only** (``--quantization int8``): each expert's rows ``round(W / s)`` with a
-  scale per output channel, multiplied by ``torch._weight_int8pack_mm`` with bfloat16 (or the
-  model's) activations, a quarter of float32's bytes (see ``plugins/quant/int8.py``).
+- **int8** (``--quantization int8``): each expert's rows ``round(W / s)`` with a scale per
+  output channel, a quarter of float32's bytes, multiplied as ``plugins/quant/int8.py``'s
+  ``int8_cpu_matmul`` multiplies a linear layer (``int8_cpu_kernel``): an expert with few rows
+  by the weight-only kernel (``torch._weight_int8pack_mm``, bfloat16 or the model's
+  activations), one with more int8 by int8 on its rows quantized per row (quantized once for all
+  the experts of a projection), one with a prefill's rows by its weight dequantized.
 
 The per-expert loop needs each expert's row count on the host; on the CPU reading it is no
 device sync, and the whole computation is one custom op (``pagedserve::moe_cpu_experts``) so that
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor
 
 from pagedserve.core.layers.activation import get_act_fn
+from pagedserve.plugins.quant.int8 import int8_cpu_kernel, int8_cpu_matmul, quantize_rows
 
 #: The activation dtype of oneDNN-packed experts (the only packed layout built here).
 ONEDNN_DTYPE = torch.bfloat16
@@ -42,8 +46,44 @@ def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-@torch.library.custom_op("pagedserve::moe_cpu_experts", mutates_args=())
+def _experts_matmul(
+    x: Tensor, groups: list[tuple[int, int, int]], weights: list[Tensor], scales: list[Tensor]
+) -> Tensor:
+    """Each group's rows ``x[start:end]`` by its expert's weight -> ``[rows, N]``. int8 rows are
+    quantized once for all the groups when most rows go int8 by int8 (a decode step), else by
+    each such group on its own (a prefill, most experts' rows many enough to dequantize)."""
+    out = x.new_empty(x.shape[0], weights[0].shape[0])
+    if scales:
+        gemm_rows = sum(
+            end - start for e, start, end in groups if int8_cpu_kernel(end - start, weights[e]) == "int8_gemm"
+        )
+        quantized = quantize_rows(x) if 2 * gemm_rows >= x.shape[0] else None
+        for expert, start, end in groups:
+            rows = None if quantized is None else (quantized[0][start:end], quantized[1][start:end])
+            out[start:end] = int8_cpu_matmul(x[start:end], weights[expert], scales[expert], rows)
+    else:
+        for expert, start, end in groups:
+            out[start:end] = _onednn_matmul(x[start:end], weights[expert])
+    return out
+
+
 def moe_cpu_experts(
+    hidden: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    w13: list[Tensor],
+    w2: list[Tensor],
+    scales13: list[Tensor],
+    scales2: list[Tensor],
+    activation: str,
+) -> Tensor:
+    """``_experts`` as the opaque op ``pagedserve::moe_cpu_experts`` under ``torch.compile``,
+    called directly in eager mode (the op's dispatch costs about 100 us a call on the CPU)."""
+    run = _experts_op if torch.compiler.is_compiling() else _experts
+    return run(hidden, weights, ids, w13, w2, scales13, scales2, activation)
+
+
+def _experts(
     hidden: Tensor,
     weights: Tensor,
     ids: Tensor,
@@ -57,37 +97,29 @@ def moe_cpu_experts(
     ``w2 @ act(gate) * up`` weighted and summed per token -> [T, H] in ``hidden``'s dtype.
 
     ``w13``/``w2``: one weight per expert, oneDNN-packed bf16 (``scales*`` empty) or int8 with
-    per-output-channel ``scales*`` (whose dtype is the activations')."""
+    per-output-channel ``scales*`` (whose dtype is the activations'). The (token, expert) pairs
+    are sorted by expert once; each projection is a matmul per expert with rows, and the
+    activation one op over all the rows."""
     num_tokens, top_k = ids.shape
-    int8 = bool(scales13)
-    dtype = scales13[0].dtype if int8 else ONEDNN_DTYPE
-    act_fn = get_act_fn(activation)
+    dtype = scales13[0].dtype if scales13 else ONEDNN_DTYPE
     flat = ids.flatten()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=len(w13)).tolist()
+    groups, start = [], 0
+    for expert, count in enumerate(torch.bincount(flat, minlength=len(w13)).tolist()):
+        if count:
+            groups.append((expert, start, start + count))
+            start += count
     rows = hidden.to(dtype).index_select(0, order // top_k)
-    out = torch.empty(num_tokens * top_k, w2[0].shape[0], dtype=dtype)
-    start = 0
-    for expert, count in enumerate(counts):
-        if not count:
-            continue
-        end = start + count
-        if int8:
-            gate_up = torch._weight_int8pack_mm(rows[start:end], w13[expert], scales13[expert])
-        else:
-            gate_up = _onednn_matmul(rows[start:end], w13[expert])
-        gate, up = gate_up.chunk(2, dim=-1)
-        inner = act_fn(gate) * up
-        if int8:
-            out[start:end] = torch._weight_int8pack_mm(inner, w2[expert], scales2[expert])
-        else:
-            out[start:end] = _onednn_matmul(inner, w2[expert])
-        start = end
+    gate, up = _experts_matmul(rows, groups, w13, scales13).chunk(2, dim=-1)
+    out = _experts_matmul(get_act_fn(activation)(gate) * up, groups, w2, scales2)
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
 
 
-@moe_cpu_experts.register_fake
+_experts_op = torch.library.custom_op("pagedserve::moe_cpu_experts", _experts, mutates_args=())
+
+
+@_experts_op.register_fake
 def _(
     hidden: Tensor,
     weights: Tensor,

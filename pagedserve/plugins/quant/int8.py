@@ -9,8 +9,13 @@ fast as the weights are small. The matmul is ``torch._weight_int8pack_mm`` (ATen
 int8 weight is converted to the activation dtype tile by tile, never written out whole).
 Activations go in as bfloat16 where the CPU has bfloat16 dot products (avx512_bf16, where ATen
 runs the kernel through oneDNN; its float32 variant measured 5-17x slower than the bfloat16 one
-there), else in the model's dtype. Fast at small batches only: at 64 rows the kernel is slower
-than a dense float32 matmul. Elsewhere (CUDA) the weight is dequantized per call.
+there), else in the model's dtype. That kernel is a loop over rows (GEMV-shaped: its cost grows
+with the rows, at 64 rows slower than a dense float32 matmul), so from ``INT8_GEMM_MIN_ROWS`` rows
+on, where the CPU has int8 dot products (VNNI or AMX), the activations are quantized too, per row
+(``quantize_rows``), and multiplied int8 by int8 (``torch._int_mm``, a GEMM whose cost hardly grows
+with rows up to a few dozen), as llama.cpp's Q8_0 quantizes activations to 8 bits for its dot
+products; and with as many rows as a prefill has, the weight is dequantized for one dense matmul
+(``int8_cpu_kernel``). Elsewhere (CUDA) the weight is dequantized per call.
 """
 
 from __future__ import annotations
@@ -43,6 +48,62 @@ def cpu_activation_dtype(model_dtype: torch.dtype) -> torch.dtype:
     return model_dtype
 
 
+#: From this many rows a CPU int8 matmul quantizes its activations and runs int8 x int8
+#: (``torch._int_mm``) instead of the weight-only kernel: the weight-only kernel's cost grows with
+#: the rows, the GEMM's hardly until the weight's bytes stop bounding it (measured here, 4-8 rows).
+INT8_GEMM_MIN_ROWS = 8
+
+
+#: The CPU has int8 dot-product instructions (VNNI or AMX), which make ``torch._int_mm`` a fast
+#: GEMM (a constant, so that ``torch.compile`` traces ``int8_cpu_kernel``'s choice).
+CPU_HAS_INT8_DOT = any(
+    torch.cpu.get_capabilities().get(name, False) for name in ("amx_int8", "avx512_vnni", "avx_vnni")
+)
+
+
+def int8_cpu_kernel(rows: int, weight: torch.Tensor) -> str:
+    """How ``int8_cpu_matmul`` multiplies ``rows`` rows by ``weight [N, K]``:
+
+    - ``"dequantize"`` when dequantizing the weight (``N * K`` elements) is less work than
+      quantizing the rows and rescaling the outputs (``rows * (K + N)``), as in a prefill: the
+      weight in the activations' dtype, a dense matmul (the weight-only result);
+    - ``"int8_gemm"`` from ``INT8_GEMM_MIN_ROWS`` rows where the CPU has int8 dot products:
+      the rows quantized per row, int8 x int8;
+    - ``"weight_only"`` otherwise: ``torch._weight_int8pack_mm``."""
+    n, k = weight.shape
+    if rows * (n + k) >= n * k:
+        return "dequantize"
+    if rows >= INT8_GEMM_MIN_ROWS and CPU_HAS_INT8_DOT:
+        return "int8_gemm"
+    return "weight_only"
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations ``x [M, K]`` -> (int8 ``[M, K]``, float32 scales ``[M, 1]``), symmetric per row."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / INT8_MAX
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+def int8_cpu_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ (weight [N, K] * scale [N, None]).T`` on the CPU in ``scale``'s dtype, ``x``
+    contiguous in that dtype, by ``int8_cpu_kernel``'s choice; the int8 GEMM takes ``quantized``
+    (``quantize_rows(x)``) when given: a caller with several matmuls on the same rows quantizes
+    them once."""
+    kernel = int8_cpu_kernel(x.shape[0], weight)
+    if kernel == "dequantize":
+        return F.linear(x, weight.to(x.dtype) * scale[:, None])
+    if kernel == "weight_only":
+        return torch._weight_int8pack_mm(x, weight, scale)
+    q, row_scale = quantize_rows(x) if quantized is None else quantized
+    return (torch._int_mm(q, weight.t()) * row_scale).mul_(scale).to(scale.dtype)
+
+
 def int8_matmul(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -50,7 +111,7 @@ def int8_matmul(
     n, k = weight.shape
     if x.device.type == "cpu":
         flat = x.reshape(-1, k).to(scale.dtype).contiguous()
-        out = torch._weight_int8pack_mm(flat, weight, scale).to(x.dtype).reshape(*x.shape[:-1], n)
+        out = int8_cpu_matmul(flat, weight, scale).to(x.dtype).reshape(*x.shape[:-1], n)
         return out if bias is None else out + bias
     return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
 
