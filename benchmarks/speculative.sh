@@ -2,7 +2,7 @@
 # Speculative decoding on the CPU with the bundled model: batch 1 speed-ups, RUNS runs each
 # (ngram on the code-editing workload at k = 4 and 8, draft_model on held-out stdlib prompts),
 # then batches 2, 4, 16 and 64 with speculation forced on (disable_by_batch_size 0), to find the
-# cross-over. Each run measures plain decoding in the same process: read the ratios, not the
+# cross-over (BATCHES=0: batch 1 only). Each run measures plain decoding in the same process: read the ratios, not the
 # bare times. Run it under the shared benchmark lock on a quiet machine and note `uptime`:
 #     flock /work/wt/bench.lock benchmarks/speculative.sh
 set -euo pipefail
@@ -23,6 +23,7 @@ for run in $(seq "$RUNS"); do
         --output-json "$OUT/latency-cpu-tiny-py-ngram-k8-edit-$TAG$run.json"
 done
 uptime
+[ "${BATCHES:-1}" = 1 ] || exit 0
 batches() { $PY -m pagedserve bench latency --batch-size 2,4,16,64 --output-len 32 --num-iters 1 \
     --num-iters-warmup 1 "$@" | grep -E "speed-up|accepted"; }
 batches --workload stdlib --speculative-config "$DRAFT" --output-json "$OUT/latency-cpu-tiny-py-draft-stdlib-batches-$TAG.json"
