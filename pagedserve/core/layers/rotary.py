@@ -45,24 +45,34 @@ class RotaryEmbedding(nn.Module):
         #: [max_len, rotary_dim]: cos then sin of each frequency, kept in fp32.
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rotation, computed once and shared by every layer: ``cos`` [T, 1, 1, half]
+        and ``sin`` [T, 1, 2, half] with the first half negated, in ``dtype`` (as HF casts them)."""
+        cos, sin = self.cos_sin_cache.index_select(0, positions).to(dtype).chunk(2, dim=-1)
+        return cos[:, None, None, :], torch.stack((-sin, sin), dim=1)[:, None]
+
+    def rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate every head of ``x`` [T, heads * head_size] (a strided view is fine) by the step's
+        ``cos_sin``; returns a new contiguous [T, heads * head_size].
+
+        Each head's rotated part is viewed as its two halves [2, half], so ``x1 * cos - x2 * sin``
+        and ``x2 * cos + x1 * sin`` (HF's ``q * cos + rotate_half(q) * sin``, the same products and
+        sums) are ``x * cos + x.flip(halves) * (-sin, sin)``: four ops for any number of heads."""
+        heads = x.view(x.shape[0], -1, self.head_size)
+        half = self.rotary_dim // 2
+        part = heads[..., : self.rotary_dim].unflatten(-1, (2, half))
+        cos, sin = cos_sin
+        rotated = (part * cos + part.flip(2) * sin).flatten(-2)
+        if self.rotary_dim < self.head_size:
+            rotated = torch.cat((rotated, heads[..., self.rotary_dim :]), dim=-1)
+        return rotated.reshape(x.shape[0], -1)
+
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions`` [T]; ``query`` [T, H*D], ``key`` [T, Hkv*D] -> rotated (same shapes)."""
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
-        cos = cos.unsqueeze(1).to(query.dtype)  # [T, 1, rotary_dim / 2]
-        sin = sin.unsqueeze(1).to(query.dtype)
-        return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        heads = x.view(x.shape[0], -1, self.head_size)
-        half = self.rotary_dim // 2
-        x1 = heads[..., :half]
-        x2 = heads[..., half : self.rotary_dim]
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        if self.rotary_dim < self.head_size:
-            rotated = torch.cat((rotated, heads[..., self.rotary_dim :]), dim=-1)
-        return rotated.reshape(x.shape)
+        cos_sin = self.cos_sin(positions, query.dtype)
+        return self.rotate(query, cos_sin), self.rotate(key, cos_sin)
 
     def extra_repr(self) -> str:
         return f"head_size={self.head_size}, rotary_dim={self.rotary_dim}, max_len={self.max_len}"

@@ -148,13 +148,17 @@ class DecoderAttention(nn.Module):
             logits_soft_cap=options.attn_logit_softcap,
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor) -> torch.Tensor:
+        """``rope``: the step's ``RotaryEmbedding.cos_sin``, computed once for every layer."""
         qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
+        q_size, kv_size, _ = self.qkv_proj.output_sizes
         if self.qk_norm:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
-        q, k = self.rotary_emb(positions, q, k)
+            q, k, v = qkv.split(self.qkv_proj.output_sizes, dim=-1)
+            q = self.rotary_emb.rotate(self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape), rope)
+            k = self.rotary_emb.rotate(self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape), rope)
+        else:  # q and k are adjacent in qkv: rotated together, in one set of ops
+            qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
+            q, k = self.rotary_emb.rotate(qk, rope).split([q_size, kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v))
 
 
@@ -258,7 +262,7 @@ class DecoderLayer(nn.Module):
             )
 
     def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+        self, rope: tuple[torch.Tensor, torch.Tensor], hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(this layer's output, the residual stream before it)``: the next norm adds them."""
         if residual is None:
@@ -266,7 +270,7 @@ class DecoderLayer(nn.Module):
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states = self.self_attn(rope, hidden_states)
         if self.sandwich_norms:
             hidden_states = self.post_attention_layernorm(hidden_states)
             hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
@@ -293,6 +297,7 @@ class DecoderModel(nn.Module):
             rope_theta,
             rope_scaling,
         )
+        self.rotary_emb = rotary_emb
         self.layers = nn.ModuleList(
             DecoderLayer(hf_config, options, rotary_emb, quant_config, i, f"model.layers.{i}")
             for i in range(hf_config.num_hidden_layers)
@@ -301,9 +306,10 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.cos_sin(positions, hidden_states.dtype)
         residual = None
         for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
+            hidden_states, residual = layer(rope, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 
