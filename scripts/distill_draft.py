@@ -274,9 +274,13 @@ def main() -> None:
 
 def write_report(args: argparse.Namespace, run: dict) -> dict:
     """``distillation.json`` in ``--out``: the settings and the run's measurements so far (written
-    with every kept checkpoint, so that a run stopped early still describes what it kept)."""
+    with every kept checkpoint, so that a run stopped early still describes what it kept). A
+    run from another run's output (``--init`` holding a ``distillation.json``) keeps that run's
+    report as ``init_distillation``, its folder named ``FIRST_OUT`` in the command."""
+    first = _init_report(args.init)
     report = {
-        "command": "python scripts/distill_draft.py " + " ".join("OUT" if a == str(args.out) else a for a in sys.argv[1:]),
+        "command": "python scripts/distill_draft.py " + " ".join(
+            "OUT" if a == str(args.out) else "FIRST_OUT" if a == str(args.init) and first else a for a in sys.argv[1:]),
         "target_sha256": hashlib.sha256((args.target / "model.safetensors").read_bytes()).hexdigest(),
         "init_sha256": hashlib.sha256((args.init / "model.safetensors").read_bytes()).hexdigest(),
         "layers": args.layers, "planned_steps": args.steps, "generated_sequences": args.generated,
@@ -284,8 +288,17 @@ def write_report(args: argparse.Namespace, run: dict) -> dict:
         "learning_rate": args.learning_rate, "kd_temperature": args.kd_temperature, "hard_weight": args.hard_weight,
         "seed": SEED, "torch_threads": args.threads, **run,
     }
+    if first:
+        report["init_distillation"] = first
     (args.out / "distillation.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _init_report(init: Path) -> dict | None:
+    file = init / "distillation.json"
+    if init.resolve() == bundled_model_path(DRAFT_MODEL).resolve() or not file.is_file():
+        return None
+    return json.loads(file.read_text())
 
 
 def save(draft, args: argparse.Namespace, state: dict) -> None:

@@ -94,6 +94,13 @@ def _distillation(report: dict[str, Any]) -> str:
                   f"{report['kd_temperature']} plus {report['hard_weight']}× against its argmax)")
         initial = (f"the previously bundled draft (SHA-256 `{report['init_sha256'][:16]}…`), first {report['layers']} "
                    "layer(s) kept")
+        first = report.get("init_distillation")
+        if first:
+            initial = (f"a first distillation run's output (`FIRST_OUT`: {first['steps']} steps from the draft "
+                       f"bundled before, SHA-256 `{first['init_sha256'][:16]}…`, {first['generated_sequences']} "
+                       f"continuations, peak learning rate {first['learning_rate']}; held-out mean accepted length "
+                       f"{first['held_out_mean_accepted_length_before']} -> "
+                       f"{first['held_out_mean_accepted_length_after']})")
     rows = [
         ("method", f"distilled from `pagedserve/tiny-py` (`scripts/distill_draft.py`): {method}"),
         ("initial weights", initial),
@@ -252,7 +259,10 @@ def _reproduce(manifest: dict[str, Any], entry: dict[str, Any]) -> str:
     target's training, from the draft bundled before it)."""
     if "distillation" not in entry:
         return manifest["command"]
-    return (f"{manifest['command']}\n{entry['distillation']['command']}\n"
+    report = entry["distillation"]
+    first = report.get("init_distillation")
+    first_command = first["command"].replace(" OUT", " FIRST_OUT") + "\n" if first else ""
+    return (f"{manifest['command']}\n{first_command}{report['command']}\n"
             "python scripts/install_assets.py --draft OUT --acceptance LATENCY_JSON")
 
 
