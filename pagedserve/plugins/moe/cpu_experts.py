@@ -47,23 +47,30 @@ def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _experts_matmul(
-    x: Tensor, groups: list[tuple[int, int, int]], weights: list[Tensor], scales: list[Tensor]
+    x: Tensor, groups: list[tuple[int, int, int]], weights: list[Tensor], scales: list[Tensor], row_experts: Tensor
 ) -> Tensor:
-    """Each group's rows ``x[start:end]`` by its expert's weight -> ``[rows, N]``. int8 rows are
-    quantized once for all the groups when most rows go int8 by int8 (a decode step), else by
-    each such group on its own (a prefill, most experts' rows many enough to dequantize)."""
+    """Each group's rows ``x[start:end]`` by its expert's weight -> ``[rows, N]`` (``row_experts``:
+    each row's expert). int8: when most rows go int8 by int8 (a decode step), every group does, on
+    the rows quantized once, into one int32 product rescaled once by each row's scale and its
+    expert's channel scales; otherwise (a prefill, most experts with rows enough to dequantize
+    their weight) each group by ``int8_cpu_matmul``'s own choice."""
     out = x.new_empty(x.shape[0], weights[0].shape[0])
-    if scales:
-        gemm_rows = sum(
-            end - start for e, start, end in groups if int8_cpu_kernel(end - start, weights[e]) == "int8_gemm"
-        )
-        quantized = quantize_rows(x) if 2 * gemm_rows >= x.shape[0] else None
-        for expert, start, end in groups:
-            rows = None if quantized is None else (quantized[0][start:end], quantized[1][start:end])
-            out[start:end] = int8_cpu_matmul(x[start:end], weights[expert], scales[expert], rows)
-    else:
+    if not scales:
         for expert, start, end in groups:
             out[start:end] = _onednn_matmul(x[start:end], weights[expert])
+        return out
+    gemm_rows = sum(
+        end - start for e, start, end in groups if int8_cpu_kernel(end - start, weights[e]) == "int8_gemm"
+    )
+    if 2 * gemm_rows >= x.shape[0]:
+        q, row_scale = quantize_rows(x)
+        products = out.new_empty(out.shape, dtype=torch.int32)
+        for expert, start, end in groups:
+            torch._int_mm(q[start:end], weights[expert].t(), out=products[start:end])
+        channel_scales = torch.stack(scales).index_select(0, row_experts)
+        return (products * row_scale).mul_(channel_scales).to(x.dtype)
+    for expert, start, end in groups:
+        out[start:end] = int8_cpu_matmul(x[start:end], weights[expert], scales[expert])
     return out
 
 
@@ -103,15 +110,15 @@ def _experts(
     num_tokens, top_k = ids.shape
     dtype = scales13[0].dtype if scales13 else ONEDNN_DTYPE
     flat = ids.flatten()
-    order = torch.argsort(flat, stable=True)
+    row_experts, order = torch.sort(flat, stable=True)
     groups, start = [], 0
     for expert, count in enumerate(torch.bincount(flat, minlength=len(w13)).tolist()):
         if count:
             groups.append((expert, start, start + count))
             start += count
     rows = hidden.to(dtype).index_select(0, order // top_k)
-    gate, up = _experts_matmul(rows, groups, w13, scales13).chunk(2, dim=-1)
-    out = _experts_matmul(get_act_fn(activation)(gate) * up, groups, w2, scales2)
+    gate, up = _experts_matmul(rows, groups, w13, scales13, row_experts).chunk(2, dim=-1)
+    out = _experts_matmul(get_act_fn(activation)(gate) * up, groups, w2, scales2, row_experts)
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
 
