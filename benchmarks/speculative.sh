@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Speculative decoding on the CPU with the bundled model: batch 1 speed-ups, RUNS runs each
+# Speculative decoding on the CPU with the bundled model: batch 1 speed-ups (bench latency's
+# defaults: 128 output tokens x 3 iterations after 1 warm-up), RUNS runs each
 # (ngram on the code-editing workload at k = 4 and 8, draft_model on held-out stdlib prompts),
 # then batches 2, 4, 16 and 64 with speculation forced on (disable_by_batch_size 0), to find the
 # cross-over (BATCHES=0: batch 1 only). Each run measures plain decoding in the same process: read the ratios, not the
@@ -12,7 +13,7 @@ TAG=${TAG:-run}
 RUNS=${RUNS:-3}
 ngram() { echo "{\"method\": \"ngram\", \"num_speculative_tokens\": $1, \"prompt_lookup_max\": 4, \"disable_by_batch_size\": 0}"; }
 DRAFT='{"method": "draft_model", "num_speculative_tokens": 4, "disable_by_batch_size": 0}'
-latency() { $PY -m pagedserve bench latency --output-len 64 --num-iters 3 "$@" | grep -E "speed-up|accepted"; }
+latency() { $PY -m pagedserve bench latency "$@" | grep -E "speed-up|accepted"; }
 for run in $(seq "$RUNS"); do
     uptime
     latency --workload stdlib --speculative-config "$DRAFT" \

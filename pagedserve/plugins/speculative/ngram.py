@@ -30,9 +30,10 @@ class NgramProposer(Proposer):
     """Proposes by matching the request's last ``prompt_lookup_max`` .. ``prompt_lookup_min``
     tokens earlier in the same request."""
 
-    #: Measured on the CPU with the bundled model (docs/speculative.md): past this batch size
-    #: the verification rows cost more than the accepted tokens save.
-    default_disable_by_batch_size = 8
+    #: Measured on the CPU with the bundled model (docs/speculative.md: 1.21x at batch 4,
+    #: 0.87x at 6): past this batch size the verification rows cost more than the accepted
+    #: tokens save.
+    default_disable_by_batch_size = 4
 
     def __init__(self, config: EngineConfig, runner: Any) -> None:
         super().__init__(config, runner)
