@@ -213,3 +213,17 @@ def test_draft_runs_in_float32_on_the_cpu_under_a_bfloat16_target(model) -> None
                             use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [MAX_TOKENS] * len(BASE)
     assert sum(o.metrics.get("spec_num_draft_tokens", 0) for o in outputs) > 0
+
+
+def test_a_draft_that_is_the_target_has_its_proposals_accepted(tiny_model, draft_dir) -> None:
+    """The Llama target as its own draft (float32 both): every proposal is the target's token,
+    so nearly all are accepted, at batch 1 and 32 alike. This holds only while the draft has
+    KV at every position: its catch-up must compute every token it has not read (skipping the
+    target's own tokens, for one, rejects a third of the proposals)."""
+    llm = LLM(draft_dir, dtype="float32", speculative_config=spec_config("draft_model", draft_dir))
+    for prompts in (BASE[:1], PROMPTS32):
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                               use_tqdm=False)
+        proposed = sum(o.metrics.get("spec_num_draft_tokens", 0) for o in outputs)
+        accepted = sum(o.metrics.get("spec_num_accepted_tokens", 0) for o in outputs)
+        assert proposed > 0 and accepted >= 0.9 * proposed
