@@ -171,7 +171,8 @@ def _acceptance(entry: dict[str, Any]) -> str:
         for key, result in run.get("results", {}).items():
             if key.startswith("speculative_batch_"):
                 size = key.rsplit("_", 1)[1]
-                rows.append(f"| {settings.get('workload')} | {spec.get('num_speculative_tokens')} | {size} | "
+                threads = run.get("machine", {}).get("torch_threads", "")
+                rows.append(f"| {settings.get('workload')} | {spec.get('num_speculative_tokens')} | {size} | {threads} | "
                             f"{result.get('mean_accepted_length', 0):.2f} | {result.get('acceptance_rate', 0):.2f} | "
                             f"{run['results'].get('speedup_batch_' + size, 0):.2f}x |")
     return f"""
@@ -181,8 +182,8 @@ def _acceptance(entry: dict[str, Any]) -> str:
 length: tokens per verification step, the target's own one included; speed-up: tokens/s against
 no speculation in the same run, on a shared 2-core CPU (noisy: see docs/speculative.md).
 
-| workload | k | batch | mean accepted length | acceptance rate | speed-up |
-|---|---|---|---|---|---|
+| workload | k | batch | torch threads | mean accepted length | acceptance rate | speed-up |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 
