@@ -84,29 +84,19 @@ def moe_cpu_experts(
     scales2: list[Tensor],
     activation: str,
 ) -> Tensor:
-    """``_experts`` as the opaque op ``pagedserve::moe_cpu_experts`` under ``torch.compile``,
-    called directly in eager mode (the op's dispatch costs about 100 us a call on the CPU)."""
-    run = _experts_op if torch.compiler.is_compiling() else _experts
-    return run(hidden, weights, ids, w13, w2, scales13, scales2, activation)
-
-
-def _experts(
-    hidden: Tensor,
-    weights: Tensor,
-    ids: Tensor,
-    w13: list[Tensor],
-    w2: list[Tensor],
-    scales13: list[Tensor],
-    scales2: list[Tensor],
-    activation: str,
-) -> Tensor:
     """Each token's ``top_k`` experts (``ids`` [T, k], routing ``weights`` [T, k] float32),
     ``w2 @ act(gate) * up`` weighted and summed per token -> [T, H] in ``hidden``'s dtype.
 
     ``w13``/``w2``: one weight per expert, oneDNN-packed bf16 (``scales*`` empty) or int8 with
     per-output-channel ``scales*`` (whose dtype is the activations'). The (token, expert) pairs
     are sorted by expert once; each projection is a matmul per expert with rows, and the
-    activation one op over all the rows."""
+    activation one op over all the rows.
+
+    Under ``torch.compile`` this is the opaque op ``pagedserve::moe_cpu_experts`` (whose
+    implementation is this function, run eagerly); eager calls skip the op, whose dispatch costs
+    about 100 us a call on the CPU."""
+    if torch.compiler.is_compiling():
+        return _experts_op(hidden, weights, ids, w13, w2, scales13, scales2, activation)
     num_tokens, top_k = ids.shape
     dtype = scales13[0].dtype if scales13 else ONEDNN_DTYPE
     flat = ids.flatten()
@@ -123,7 +113,7 @@ def _experts(
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
 
 
-_experts_op = torch.library.custom_op("pagedserve::moe_cpu_experts", _experts, mutates_args=())
+_experts_op = torch.library.custom_op("pagedserve::moe_cpu_experts", moe_cpu_experts, mutates_args=())
 
 
 @_experts_op.register_fake
