@@ -48,6 +48,7 @@ def run_case(
     window: int | None,
     dtype: torch.dtype = torch.float32,
     soft_cap: float | None = None,
+    consecutive_blocks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write each request's context into a paged cache, attend its new tokens; return (ours, dense)."""
     layer = Attention(
@@ -59,8 +60,9 @@ def run_case(
     # any key or value read outside the mask would show.
     shape = backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, HEAD_SIZE)
     cache = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 1e3).to(dtype)
-    free = list(range(num_blocks))
-    rng.shuffle(free)
+    free = list(range(num_blocks))[::-1] if consecutive_blocks else list(range(num_blocks))
+    if not consecutive_blocks:
+        rng.shuffle(free)
 
     seqs, queries, keys, values, expected = [], [], [], [], []
     for context, new in zip(contexts, new_tokens):
@@ -124,6 +126,19 @@ def test_batch_shapes_match_dense_attention(
     if soft_cap is not None:  # the cap must change the result, or the comparison proves nothing
         uncapped, _ = run_case(random.Random(name), contexts, new_tokens, num_kv_heads, 4, window)
         assert (uncapped - out).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize(("context", "block_size"), [(32, 16), (33, 4), (1, 1)])
+@pytest.mark.parametrize("window", [None, 3, 100])
+def test_one_decode_in_consecutive_blocks_reads_a_slice_of_the_cache(
+    context: int, block_size: int, window: int | None
+) -> None:
+    torch.manual_seed(0)
+    out, expected = run_case(random.Random(0), [context], [1], 2, block_size, window, consecutive_blocks=True)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    blocks = list(range(math.ceil((context + 1) / block_size)))
+    metadata = TorchRefBackend(config=None).build_metadata(build_batch_layout([(blocks, context, 1)], block_size, "cpu"))
+    assert metadata.decode_groups[0].contiguous == (0, context + 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

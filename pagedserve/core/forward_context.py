@@ -38,6 +38,10 @@ class BatchLayout:
     # The same sizes as Python lists, for backends that loop on the host.
     query_lens_list: list[int]
     seq_lens_list: list[int]
+    #: Per request, its first block when its blocks are consecutive (``b, b + 1, ...``), else
+    #: None: a backend on the host can then read its context as one slice of the cache.
+    #: None when not known (a captured CUDA graph's layout).
+    first_blocks_if_consecutive: list[int | None] | None = None
 
 
 @dataclass
@@ -112,6 +116,9 @@ def build_batch_layout(
         (b for s in seqs for b in s[0]), dtype=np.int64, count=int(num_blocks.sum())
     )
 
+    consecutive = np.all((np.diff(block_tables, axis=1) == 1) | ~filled[:, 1:], axis=1)
+    first_blocks = [int(b) if c else None for b, c in zip(block_tables[:, 0], consecutive)]
+
     token_req = np.repeat(np.arange(num_reqs), query_lens)
     positions = np.arange(num_tokens) - query_start_loc[token_req] + computed[token_req]
     slot_mapping = (
@@ -137,4 +144,5 @@ def build_batch_layout(
         block_size=block_size,
         query_lens_list=query_lens.tolist(),
         seq_lens_list=seq_lens.tolist(),
+        first_blocks_if_consecutive=first_blocks,
     )

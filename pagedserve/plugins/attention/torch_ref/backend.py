@@ -49,6 +49,10 @@ class DecodeGroup:
     #: Its tokens are the whole step's, in order (a decode-only step attended in one group):
     #: the queries and the output need no reordering.
     whole_step: bool = False
+    #: A single request on the CPU whose blocks are consecutive: (its first block, its context
+    #: length). Its keys and values are then a slice of the cache, attended without a gather
+    #: or a mask (the slice ends at its last token).
+    contiguous: tuple[int, int] | None = None
     #: By (sliding window (None = full), dtype): [N, 1, 1, num_blocks * block_size].
     masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
@@ -98,6 +102,16 @@ class TorchRefMetadata:
         if self.scratch is None or self.scratch.shape[1] < numel or self.scratch.dtype != cache.dtype:
             self.scratch = torch.empty(2, numel, dtype=cache.dtype, device=cache.device)
         return torch.index_select(cache, 0, block_ids, out=self.scratch[part, :numel].view(shape))
+
+
+def _contiguous(decodes: list[int], members: list[int], layout: BatchLayout) -> tuple[int, int] | None:
+    """``DecodeGroup.contiguous`` for a group of one request on the CPU."""
+    firsts = layout.first_blocks_if_consecutive
+    if len(members) != 1 or firsts is None or layout.block_tables.device.type != "cpu":
+        return None
+    req = decodes[members[0]]
+    first = firsts[req]
+    return None if first is None else (first, layout.seq_lens_list[req])
 
 
 def group_by_length(lengths: list[int], cost: int) -> list[list[int]]:
@@ -159,6 +173,7 @@ class TorchRefBackend(AttentionBackend):
                     num_blocks=width,
                     query_positions=(layout.seq_lens[reqs].long() - 1)[:, None],
                     whole_step=len(members) == layout.num_tokens,
+                    contiguous=_contiguous(decodes, members, layout),
                 )
             )
         return TorchRefMetadata(layout=layout, decode_groups=groups, spans=spans)
@@ -201,10 +216,20 @@ class TorchRefBackend(AttentionBackend):
         # Padding past a request's context is masked out; the runner zero-fills the cache, so
         # slots never written hold finite values that the mask cancels.
         block_size = metadata.layout.block_size
+        queries = query if group.whole_step else query.index_select(0, group.tokens)  # [N, H, D]
+        if group.contiguous is not None and layer.logits_soft_cap is None:
+            first, seq_len = group.contiguous
+            if layer.sliding_window is None or seq_len <= layer.sliding_window:
+                end = first + -(-seq_len // block_size)
+                kv_shape = (-1, layer.num_kv_heads, layer.head_size)
+                keys = key_cache[first:end].view(kv_shape)[:seq_len].transpose(0, 1)[None]  # [1, Hkv, L, D]
+                values = value_cache[first:end].view(kv_shape)[:seq_len].transpose(0, 1)[None]
+                grouped = queries.view(1, layer.num_kv_heads, -1, layer.head_size)
+                out = F.scaled_dot_product_attention(grouped, keys, values, scale=layer.scale)
+                return out.reshape(1, layer.num_heads, layer.head_size)
         shape = (group.tokens.numel(), group.num_blocks * block_size, layer.num_kv_heads, layer.head_size)
         keys = metadata.gather(key_cache, group.block_ids, 0).view(shape)  # [N, L, Hkv, D]
         values = metadata.gather(value_cache, group.block_ids, 1).view(shape)
-        queries = query if group.whole_step else query.index_select(0, group.tokens)  # [N, H, D]
         mask = group.mask(layer.sliding_window, block_size, query.dtype)
         keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [N, Hkv, L, D]
         if layer.logits_soft_cap is not None:
