@@ -274,10 +274,12 @@ def serve(model_argument: str | None, model: str | None, host: str, port: int, a
     """Serve MODEL with an OpenAI-compatible HTTP API until SIGINT or SIGTERM."""
     from pagedserve.server.listen import ServerStartError, bind_socket
 
-    try:
-        sock = bind_socket(host, port)  # first: a port in use is said before any slow import
-    except ServerStartError as exc:
-        raise click.ClickException(str(exc)) from exc
+    sock = None
+    if not kwargs["headless"]:  # a headless node serves no HTTP: its --port is not its to take
+        try:
+            sock = bind_socket(host, port)  # first: a port in use is said before any slow import
+        except ServerStartError as exc:
+            raise click.ClickException(str(exc)) from exc
     from pagedserve.core.config import engine_config_from_args
     from pagedserve.core.loader import ModelLoadError
     from pagedserve.core.plugins import PluginError

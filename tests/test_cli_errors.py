@@ -74,3 +74,26 @@ def test_bench_serve_without_the_servers_api_key(server) -> None:
     result = pagedserve("bench", "serve", "--base-url", f"{server.url}/v1", "--num-prompts", "1",
                         "--max-model-len", str(MAX_MODEL_LEN), env={"OPENAI_API_KEY": ""})
     assert_one_line_error(result, "refused the API key", "--api-key")
+
+
+def test_a_headless_node_does_not_take_the_http_port(tiny_model, monkeypatch) -> None:
+    """``serve --headless`` runs tensor-parallel ranks and no server: a port held by something
+    else (another server on the machine) is not its concern. It once refused to start, leaving
+    node 0 waiting at the rendezvous."""
+    from click.testing import CliRunner
+
+    from pagedserve import cli
+    from pagedserve.distributed import workers
+
+    started = []
+    monkeypatch.setattr(workers, "run_headless", lambda config: started.append(config.parallel.node_rank) or 0)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = CliRunner().invoke(cli.cli, [
+            "serve", str(tiny_model()), "--port", str(port), "-tp", "2", "--nnodes", "2", "--node-rank", "1",
+            "--master-port", "29400", "--headless",
+        ])
+    assert result.exit_code == 0, result.output
+    assert started == [1]
