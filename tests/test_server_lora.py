@@ -161,10 +161,11 @@ def test_lora_requests_info_gauge(server, client) -> None:
 
 def test_lora_flags_are_checked(setup) -> None:
     runner = CliRunner()
-    model = str(setup["model"])
-    result = runner.invoke(cli, ["serve", model, "--lora-modules", f"a={setup['a']}"])
+    # Port 0: serve binds its port first, and 8000 may be taken by anything else on the machine.
+    model, port = str(setup["model"]), ["--port", "0"]
+    result = runner.invoke(cli, ["serve", model, *port, "--lora-modules", f"a={setup['a']}"])
     assert result.exit_code != 0 and "need --enable-lora" in result.output
-    result = runner.invoke(cli, ["serve", model, "--enable-lora", "--enable-lora-runtime-updating"])
+    result = runner.invoke(cli, ["serve", model, *port, "--enable-lora", "--enable-lora-runtime-updating"])
     assert result.exit_code != 0 and "needs --lora-root" in result.output
-    result = runner.invoke(cli, ["serve", model, "--enable-lora", "--lora-modules", "no-equals-sign"])
+    result = runner.invoke(cli, ["serve", model, *port, "--enable-lora", "--lora-modules", "no-equals-sign"])
     assert result.exit_code != 0 and "name=path" in result.output
