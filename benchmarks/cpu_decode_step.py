@@ -29,18 +29,13 @@ import torch
 
 from pagedserve import LLM
 from pagedserve.core.cuda_graphs import PaddedDecode
-from pagedserve.core.forward_context import set_forward_context
 
 
 def decode_step(padded: PaddedDecode, model: torch.nn.Module, batch: int, size: int, context: int) -> torch.Tensor:
     """One decode step of ``batch`` requests at ``context`` tokens each, padded to ``size``."""
     block_size = padded.buffers.block_size
     blocks = [list(range(i * (context // block_size + 1), (i + 1) * (context // block_size + 1))) for i in range(batch)]
-    seq_lens = padded.buffers.write([3] * batch, [context] * batch, blocks, size)
-    layout = padded.buffers.layout(size, seq_lens, max(seq_lens))
-    with set_forward_context(padded.backend, padded.backend.build_metadata(layout)):
-        hidden = padded.forward(padded.buffers.input_ids[:size], padded.buffers.positions[:size])
-    return model.compute_logits(hidden[:batch])
+    return model.compute_logits(padded.run([3] * batch, [context] * batch, blocks, size))
 
 
 @contextlib.contextmanager

@@ -130,20 +130,28 @@ def test_a_capture_failure_says_to_start_eagerly(tiny_model, monkeypatch) -> Non
 
 
 @pytest.mark.slow
-def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model) -> None:
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
+def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model, name: str) -> None:
     """compilation_config level 3 on the CPU: the padded decode steps run the inductor graph of
-    their size (one size here, compiles are slow), with transformers' greedy tokens in fp32;
-    the fifth request's prefill runs eagerly between them."""
-    model_dir = tiny_model()
+    their size (one size here, compiles are slow), attention traced into it, with transformers'
+    greedy tokens in fp32 (a sliding window shorter than the prompts too); the fifth request's
+    prefill runs eagerly between them. Contexts grow over several blocks of 4 and the graph
+    compiled at start-up serves them all (the block-table axis is symbolic)."""
+    from torch._dynamo.utils import counters
+
+    architecture, overrides = CONFIGS[name]
+    model_dir = tiny_model(architecture, **overrides)
     expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
     # Two values are taken as they are (one would mean 1, 2, 4); 64 is above max_num_seqs, dropped.
     llm = LLM(str(model_dir), dtype="float32", compilation_config={"level": 3}, cuda_graph_sizes=[4, 64],
-              max_num_seqs=4)
+              max_num_seqs=4, block_size=4)
     padded = llm.engine.runner.padded_decode
-    assert padded.sizes == [4] and padded.forward is not llm.engine.runner.model
+    assert padded.sizes == [4] and padded.forward is not llm.engine.runner.model and padded.traced
     sizes = _count_padded_steps(llm)
+    graphs = counters["stats"]["unique_graphs"]
     assert greedy(llm, PROMPTS) == expected
     assert set(sizes) == {4} and len(sizes) >= MAX_TOKENS // 2
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_compilation_config_takes_vllm_levels_and_refuses_the_rest() -> None:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from pagedserve.core.forward_context import build_batch_layout
+from pagedserve.core.forward_context import TracedDecodeStep, build_batch_layout
 from pagedserve.core.layers.attention import Attention
 from pagedserve.core.plugins import get_plugin_manager
 from pagedserve.plugins.attention.torch_ref import backend as backend_module
@@ -49,8 +49,11 @@ def run_case(
     dtype: torch.dtype = torch.float32,
     soft_cap: float | None = None,
     consecutive_blocks: bool = False,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write each request's context into a paged cache, attend its new tokens; return (ours, dense)."""
+    """Write each request's context into a paged cache, attend its new tokens; return (ours, dense).
+    ``traced``: through ``traced_decode`` (every request one new token), its block tables three
+    columns wider than needed (their padding reads garbage blocks the mask must drop)."""
     layer = Attention(
         NUM_HEADS, HEAD_SIZE, HEAD_SIZE**-0.5, num_kv_heads, sliding_window=window, logits_soft_cap=soft_cap
     )
@@ -81,6 +84,12 @@ def run_case(
         expected.append(dense_attention(q, k, v, context, window, layer.scale, soft_cap))
 
     layout = build_batch_layout(seqs, block_size, "cpu")
+    if traced:
+        step = TracedDecodeStep()
+        step.backend, step.seq_lens, step.slot_mapping = backend, layout.seq_lens, layout.slot_mapping
+        step.block_tables = torch.nn.functional.pad(layout.block_tables, (0, 3), value=num_blocks - 1)
+        out = backend.traced_decode(layer, torch.cat(queries), torch.cat(keys), torch.cat(values), cache, step)
+        return out, torch.cat(expected)
     metadata = backend.build_metadata(layout)
     out = backend.forward(layer, torch.cat(queries), torch.cat(keys), torch.cat(values), cache, metadata)
     return out, torch.cat(expected)
@@ -187,3 +196,43 @@ def test_decode_groups_of_any_split_match_dense_attention(monkeypatch: pytest.Mo
     contexts = [3, 200, 5, 120, 7, 64, 65, 1]
     out, expected = run_case(random.Random(1), contexts, [1] * len(contexts), 2, 8, None)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_traced_decode_matches_dense_attention(seed: int) -> None:
+    """The compiled decode step's attention (plain torch ops, run eagerly here; the compiled
+    engine tests trace it): GQA, sliding windows, soft-capping, contexts across blocks."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    contexts = [rng.randint(0, 40) for _ in range(rng.randint(1, 5))]
+    out, expected = run_case(
+        rng, contexts, [1] * len(contexts), num_kv_heads=rng.choice([1, 2, 4]), block_size=rng.choice([1, 4, 16]),
+        window=rng.choice([None, rng.randint(1, 10)]), soft_cap=rng.choice([None, 0.5]), traced=True,
+    )
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_traced_decode_in_half_precision_stays_close_to_fp64(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    out, expected = run_case(random.Random(0), [20, 7, 0], [1, 1, 1], 2, 4, None, dtype, traced=True)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
+
+
+def test_traced_decode_writes_the_cache_when_compiled() -> None:
+    """Compiled, the new K/V land in the cache tensor passed in, at their slots and nowhere else."""
+    backend = TorchRefBackend(config=None)
+    layer = Attention(NUM_HEADS, HEAD_SIZE, 1.0, 2)
+    cache = torch.zeros(backend.kv_cache_shape(6, 4, 2, HEAD_SIZE))
+    layout = build_batch_layout([([5, 2], 4, 1), ([0], 0, 1)], 4, "cpu")
+    key, value = torch.randn(2, 2, HEAD_SIZE), torch.randn(2, 2, HEAD_SIZE)
+    step = TracedDecodeStep()
+    step.backend, step.block_tables, step.seq_lens, step.slot_mapping = (
+        backend, layout.block_tables, layout.seq_lens, layout.slot_mapping)
+    attend = torch.compile(backend.traced_decode, fullgraph=True, dynamic=False)
+    attend(layer, torch.randn(2, NUM_HEADS, HEAD_SIZE), key, value, cache, step)
+    torch.testing.assert_close(cache[0, 2, 0], key[0])  # position 4 of the first request
+    torch.testing.assert_close(cache[1, 2, 0], value[0])
+    torch.testing.assert_close(cache[0, 0, 0], key[1])
+    assert cache.count_nonzero() == 2 * 2 * 2 * HEAD_SIZE

@@ -141,23 +141,30 @@ class DecodeBuffers:
         )
 
 
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``forward(input_ids, positions)``, or for a traced compiled step ``forward(input_ids,
+#: positions, block_tables, seq_lens, slot_mapping)`` (``core/compiled_decode.py``).
+Forward = Callable[..., torch.Tensor]
 
 
 class PaddedDecode:
     """Decode-only steps padded to the next of ``sizes``; with ``capture``, each size's forward
     is a CUDA graph captured by ``capture_all`` and replayed by ``run``; ``forward`` may be a
-    forward compiled for static shapes, each size compiled by ``compile_all``."""
+    forward compiled for static shapes, each size compiled by ``compile_all``, and ``traced``
+    when its attention is traced into the graph (it then takes the step's attention tensors
+    and no metadata is built)."""
 
     def __init__(self, config: EngineConfig, sizes: list[int], backend: AttentionBackend, forward: Forward,
-                 pad_block: int, device: torch.device, capture: bool) -> None:
+                 pad_block: int, device: torch.device, capture: bool, traced: bool = False) -> None:
         self.sizes = sizes
         self.backend = backend
         self.forward = forward
         self.capture = capture
+        self.traced = traced
         self.max_model_len = int(config.model.max_model_len)  # type: ignore[arg-type]
         block_size = config.cache.block_size
-        self.buffers = DecodeBuffers(sizes[-1], -(-self.max_model_len // block_size), block_size, pad_block, device)
+        # At least two block columns: a traced step's block-table axis is never specialised to 1.
+        max_blocks = max(2, -(-self.max_model_len // block_size))
+        self.buffers = DecodeBuffers(sizes[-1], max_blocks, block_size, pad_block, device)
         #: size -> (graph, its static metadata, its output) once captured.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Any, torch.Tensor]] = {}
         self.pool_bytes = 0
@@ -177,20 +184,28 @@ class PaddedDecode:
         if graph is not None:
             graph[0].replay()
             return graph[2][:n]
-        layout = self.buffers.layout(size, seq_lens, max(seq_lens))
+        return self._forward(size, seq_lens)[:n]
+
+    def _forward(self, size: int, seq_lens: list[int]) -> torch.Tensor:
+        buffers = self.buffers
+        ids, positions = buffers.input_ids[:size], buffers.positions[:size]
+        if self.traced:
+            # The blocks that hold the longest context (at least 2: a width of 1 would be
+            # specialised by dynamo, a second graph), the axis symbolic in the one graph.
+            width = max(2, -(-max(seq_lens) // buffers.block_size))
+            tables = buffers.block_tables[:size, :width]
+            torch._dynamo.mark_dynamic(tables, 1)
+            return self.forward(ids, positions, tables, buffers.seq_lens[:size], buffers.slot_mapping[:size])
+        layout = buffers.layout(size, seq_lens, max(seq_lens))
         with set_forward_context(self.backend, self.backend.build_metadata(layout)):
-            hidden = self.forward(self.buffers.input_ids[:size], self.buffers.positions[:size])
-        return hidden[:n]
+            return self.forward(ids, positions)
 
     def compile_all(self) -> None:
         """Run every size once, the largest first, so that the compiled forward traces and
         compiles each size's graph at start-up instead of in a request's step."""
         start = time.perf_counter()
         for size in reversed(self.sizes):
-            seq_lens = self.buffers.write([], [], [], size)
-            layout = self.buffers.layout(size, seq_lens, max(seq_lens))
-            with set_forward_context(self.backend, self.backend.build_metadata(layout)):
-                self.forward(self.buffers.input_ids[:size], self.buffers.positions[:size])
+            self._forward(size, self.buffers.write([], [], [], size))
         logger.info(
             "compiled the decode step for %d batch sizes (%s) in %.1f s",
             len(self.sizes), ", ".join(map(str, self.sizes)), time.perf_counter() - start,

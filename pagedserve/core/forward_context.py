@@ -75,6 +75,24 @@ def get_forward_context() -> ForwardContext:
     return _context
 
 
+class TracedDecodeStep:
+    """The tensors of a decode step traced into a compiled graph (``core/compiled_decode.py``),
+    which an attention backend with ``traced_decode`` attends from inside the graph instead of
+    through the opaque op and its host-built metadata.
+
+    Set by the compiled step's wrapper while dynamo traces it (dynamo records the attribute
+    writes, so the layers read the graph's own inputs) and None otherwise."""
+
+    backend: AttentionBackend | None = None
+    block_tables: torch.Tensor | None = None  # int64 [N, W]: W blocks cover every context
+    seq_lens: torch.Tensor | None = None  # int32 [N]
+    slot_mapping: torch.Tensor | None = None  # int64 [N]
+
+
+#: The one traced decode step (its fields are None outside a compiled decode step).
+traced_decode_step = TracedDecodeStep()
+
+
 def get_lora_mapping() -> Any:
     """The step's LoRA mapping; None outside a forward or when the step has no adapter."""
     return None if _context is None else _context.lora_mapping

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pagedserve.core.forward_context import BatchLayout, get_forward_context
+from pagedserve.core.forward_context import BatchLayout, TracedDecodeStep, get_forward_context, traced_decode_step
 from pagedserve.distributed import parallel_state
 from pagedserve.distributed.shards import units_per_rank
 
@@ -32,6 +32,9 @@ class AttentionBackend(ABC):
     #: all host work, and ``forward`` reads only tensors of the layout (plus its sizes and
     #: ``max_seq_len``, fixed per captured batch size), so a replay sees the next step's inputs.
     supports_cuda_graphs: bool = False
+    #: Whether ``traced_decode`` attends a compiled decode step from inside the graph (else the
+    #: step calls the opaque ``pagedserve::attention`` op, which needs ``build_metadata``).
+    supports_traced_decode: bool = False
 
     @classmethod
     def supports(cls, config: EngineConfig) -> str | None:
@@ -75,6 +78,16 @@ class AttentionBackend(ABC):
         positions p - sliding_window + 1 .. p). With ``layer.logits_soft_cap`` = c the scaled
         scores s become ``c * tanh(s / c)`` before the softmax (Gemma 2).
         """
+
+
+    def traced_decode(
+        self, layer: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        kv_cache: torch.Tensor, step: TracedDecodeStep,
+    ) -> torch.Tensor:
+        """``forward`` for a decode step (one new token per request) in torch ops dynamo can
+        trace, from ``step``'s tensors alone (no host metadata). Only with
+        ``supports_traced_decode``."""
+        raise NotImplementedError(f"attention backend {self.name!r} has no traced decode")
 
 
 def heads_of_this_rank(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
@@ -147,9 +160,21 @@ class Attention(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """``query`` [T, H*D], ``key``/``value`` [T, Hkv*D] -> [T, H*D]. Eager calls skip the
         custom op: its dispatch imports torch._dynamo on first use (a second of start-up) and
-        costs a little every layer, and only a graph being compiled needs attention opaque."""
+        costs a little every layer, and only a graph being compiled needs attention opaque. A
+        compiled decode step whose backend can trace its attention has none."""
         if not torch.compiler.is_compiling():
             return self.attend(query, key, value)
+        step = traced_decode_step
+        if step.backend is not None:
+            out = step.backend.traced_decode(
+                self,
+                query.view(-1, self.num_heads, self.head_size),
+                key.view(-1, self.num_kv_heads, self.head_size),
+                value.view(-1, self.num_kv_heads, self.head_size),
+                self.kv_cache,
+                step,
+            )
+            return out.reshape(-1, self.num_heads * self.head_size)
         return torch.ops.pagedserve.attention(query, key, value, self.op_id)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -182,3 +207,4 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o
 @_attention_op.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, op_id: int) -> torch.Tensor:
     return torch.empty_like(query)
+

@@ -17,6 +17,8 @@ Where the time goes on a CPU, and what this does about it:
 - A request with several new tokens and nothing cached (a first prefill chunk) attends to its new
   K/V directly, without reading them back from the cache, and without a mask when it has no
   sliding window (SDPA's own causal path).
+- A compiled decode step (``-O3`` on the CPU) attends inside its graph (``traced_decode``): no
+  host metadata, no gather, no opaque op.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from pagedserve.core.forward_context import BatchLayout
+from pagedserve.core.forward_context import BatchLayout, TracedDecodeStep
 from pagedserve.core.layers.attention import Attention, AttentionBackend
 
 if TYPE_CHECKING:
@@ -134,6 +136,7 @@ class TorchRefBackend(AttentionBackend):
     """The reference paged attention backend (CPU default)."""
 
     name = "torch_ref"
+    supports_traced_decode = True
 
     @classmethod
     def supports(cls, config: EngineConfig | None) -> str | None:
@@ -202,6 +205,45 @@ class TorchRefBackend(AttentionBackend):
         for span in metadata.spans:
             out[span.start : span.end] = self._multi_token(layer, query, key, value, key_cache, value_cache, span)
         return out
+
+    def traced_decode(
+        self,
+        layer: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        step: TracedDecodeStep,
+    ) -> torch.Tensor:
+        """Each request's one query against its blocks, read through the block table where they
+        lie: inductor fuses the indexing into the score and output reductions, so no copy of the
+        contexts is made (the eager path's gather), and the step needs no host-built metadata.
+        Scores past a context, or outside the sliding window, are masked; float32 throughout."""
+        assert step.block_tables is not None and step.seq_lens is not None and step.slot_mapping is not None
+        n, num_kv_heads, head_size = key.shape
+        block_size = kv_cache.shape[2]
+        # One write into the cache tensor itself (K and V by a leading index), which inductor
+        # does in place; through a view of it, functionalization copied the whole cache.
+        parts = torch.arange(2, device=key.device)[:, None]
+        slots = step.slot_mapping[None, :]
+        kv_cache.index_put_((parts, slots // block_size, slots % block_size),
+                            torch.stack((key, value)).to(kv_cache.dtype))
+        width = step.block_tables.shape[1] * block_size
+        kv_shape = (n, width, num_kv_heads, 1, head_size)
+        keys = kv_cache[0][step.block_tables].view(kv_shape)
+        values = kv_cache[1][step.block_tables].view(kv_shape)
+        queries = query.view(n, 1, num_kv_heads, -1, head_size).float()  # the heads sharing a KV head
+        scores = (queries * keys).sum(-1) * layer.scale  # [N, L, Hkv, H / Hkv]
+        if layer.logits_soft_cap is not None:
+            scores = torch.tanh(scores / layer.logits_soft_cap) * layer.logits_soft_cap
+        key_positions = torch.arange(width, device=query.device)[None, :]
+        last = (step.seq_lens.long() - 1)[:, None]
+        attended = key_positions <= last
+        if layer.sliding_window is not None:
+            attended &= key_positions > last - layer.sliding_window
+        probs = scores.masked_fill(~attended[:, :, None, None], float("-inf")).softmax(1)
+        out = (probs[..., None] * values).sum(1)  # [N, Hkv, H / Hkv, D]
+        return out.view(n, layer.num_heads, head_size).to(query.dtype)
 
     def _decode(
         self,
