@@ -130,21 +130,24 @@ def test_a_capture_failure_says_to_start_eagerly(tiny_model, monkeypatch) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-window"])
-def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model, name: str) -> None:
+@pytest.mark.parametrize(("name", "inductor"), [("llama-gqa", {}), ("mistral-window", {}),
+                                                ("llama-gqa", {"freezing": True})])
+def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model, name: str, inductor: dict) -> None:
     """compilation_config level 3 on the CPU: the padded decode steps run the inductor graph of
     their size (one size here, compiles are slow), attention traced into it, with transformers'
     greedy tokens in fp32 (a sliding window shorter than the prompts too); the fifth request's
     prefill runs eagerly between them. Contexts grow over several blocks of 4 and the graph
-    compiled at start-up serves them all (the block-table axis is symbolic)."""
+    compiled at start-up serves them all (the block-table axis is symbolic). With inductor's
+    ``freezing`` (weights folded in as constants, prepacked for oneDNN) the KV caches, which are
+    not parameters, must still be written and read at run time."""
     from torch._dynamo.utils import counters
 
     architecture, overrides = CONFIGS[name]
     model_dir = tiny_model(architecture, **overrides)
     expected = hf_greedy(model_dir, PROMPTS, MAX_TOKENS)
     # Two values are taken as they are (one would mean 1, 2, 4); 64 is above max_num_seqs, dropped.
-    llm = LLM(str(model_dir), dtype="float32", compilation_config={"level": 3}, cuda_graph_sizes=[4, 64],
-              max_num_seqs=4, block_size=4)
+    llm = LLM(str(model_dir), dtype="float32", compilation_config={"level": 3, "inductor_compile_config": inductor},
+              cuda_graph_sizes=[4, 64], max_num_seqs=4, block_size=4)
     padded = llm.engine.runner.padded_decode
     assert padded.sizes == [4] and padded.forward is not llm.engine.runner.model and padded.traced
     sizes = _count_padded_steps(llm)
@@ -161,11 +164,15 @@ def test_compilation_config_takes_vllm_levels_and_refuses_the_rest() -> None:
     assert _config(compilation_config=3).compilation_level == 3
     assert _config(compilation_config={"level": 0}).compilation_level == 0
     for value, message in ((1, "level 1 is not supported"), ({"level": 2}, "level 2"),
-                           ({"level": 3, "backend": "eager"}, "'backend'"), ("3", "level '3'")):
+                           ({"level": 3, "backend": "eager"}, "'backend'"), ("3", "level '3'"),
+                           ({"inductor_compile_config": {"freezing": True}}, "needs level 3"),
+                           ({"level": 3, "inductor_compile_config": ["freezing"]}, "object of inductor options")):
         with pytest.raises(ConfigError, match=message):
             _config(compilation_config=value)
     with pytest.raises(ConfigError, match="enforce_eager.*compilation_config"):
         _config(compilation_config=3, enforce_eager=True)
+    options = {"freezing": True, "cpp.weight_prepack": True}
+    assert _config(compilation_config={"level": 3, "inductor_compile_config": options}).inductor_compile_config == options
     assert default_compile_sizes(256) == [1, 2, 4, 8, 16, 32, 64]
     assert default_compile_sizes(24) == [1, 2, 4, 8, 16, 24]
     assert default_compile_sizes(1) == [1]
@@ -178,3 +185,11 @@ def test_compiled_decode_is_refused_off_the_cpu(tiny_model, monkeypatch) -> None
     monkeypatch.setattr(DeviceConfig, "resolved", lambda self: "cuda")
     with pytest.raises(ConfigError, match="compiles the CPU decode step.*'cuda'"):
         LLM(str(tiny_model()), dtype="float32", compilation_config=3)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"no_such_option": 1}, "Unexpected optimization option no_such_option$"),
+                                                  ({"freezing": "yes"}, "freezing, got str")])
+def test_an_option_inductor_refuses_is_a_config_error(tiny_model, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"inductor_compile_config: .*{message}"):
+        LLM(str(tiny_model()), dtype="float32", compilation_config={"level": 3, "inductor_compile_config": options},
+            cuda_graph_sizes=[1, 2])

@@ -25,11 +25,12 @@ CPU default sizes are few.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from pagedserve.core.config import ConfigError
 from pagedserve.core.forward_context import traced_decode_step
 
 if TYPE_CHECKING:
@@ -69,11 +70,17 @@ class TracedDecode(nn.Module):
         return hidden
 
 
-def compile_decode(model: nn.Module, num_sizes: int, backend: AttentionBackend) -> Forward:
+def compile_decode(model: nn.Module, num_sizes: int, backend: AttentionBackend,
+                   options: dict[str, Any] | None = None) -> Forward:
     """The model forward compiled for static shapes: dynamo traces it once per padded size (the
-    recompile limit raised to allow every size) and inductor compiles each trace. With a backend
-    that traces its decode attention, the forward is ``TracedDecode``'s (five arguments)."""
+    recompile limit raised to allow every size) and inductor compiles each trace, with
+    ``options`` (``compilation_config["inductor_compile_config"]``). With a backend that traces
+    its decode attention, the forward is ``TracedDecode``'s (five arguments)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, num_sizes + 1)
     traced = TracedDecode(model, backend) if type(backend).supports_traced_decode else model
-    return torch.compile(traced, dynamic=False, fullgraph=True)
+    try:
+        return torch.compile(traced, dynamic=False, fullgraph=True, options=options or None)
+    except RuntimeError as exc:  # inductor refusing an option, by name (then it lists all of them) or type
+        reason = str(exc).split(", known options are")[0]
+        raise ConfigError(f"compilation_config inductor_compile_config: {reason}") from None
 

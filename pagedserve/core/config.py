@@ -346,12 +346,15 @@ class EngineConfig:
     #: vLLM's ``compilation_config`` (``-O``): a level, or ``{"level": N}``. 0 (the default):
     #: decode steps run eagerly on the CPU. 3: on the CPU, each padded decode size is one
     #: static-shape inductor graph (``core/compiled_decode.py``), compiled at start-up. Read
-    #: into ``compilation_level``; levels 1 and 2 and other keys are refused.
+    #: into ``compilation_level`` and, from vLLM's ``inductor_compile_config`` key (inductor's
+    #: own options, e.g. ``{"freezing": true}``), ``inductor_compile_config``; levels 1 and 2
+    #: and other keys are refused.
     compilation_config: int | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.speculative = SpeculativeConfig.from_value(self.speculative)
         self.compilation_level = compilation_level(self.compilation_config)
+        self.inductor_compile_config = inductor_compile_config(self.compilation_config, self.compilation_level)
         if self.compilation_level and self.enforce_eager:
             raise ConfigError(
                 "enforce_eager runs every step eagerly, so it cannot be combined with compilation_config "
@@ -429,16 +432,36 @@ def compilation_level(value: int | dict[str, Any] | None) -> int:
     if value is None:
         return 0
     if isinstance(value, dict):
-        unknown = sorted(set(value) - {"level"})
+        unknown = sorted(set(value) - {"level", "inductor_compile_config"})
         if unknown:
             raise ConfigError(
-                f"compilation_config keys {unknown} are not supported; pagedserve reads only 'level'"
+                f"compilation_config keys {unknown} are not supported; pagedserve reads only 'level' "
+                "and 'inductor_compile_config'"
             )
         value = value.get("level", 0)
     if isinstance(value, bool) or not isinstance(value, int) or value not in COMPILATION_LEVELS:
         offered = "; ".join(f"{level}: {what}" for level, what in COMPILATION_LEVELS.items())
         raise ConfigError(f"compilation_config level {value!r} is not supported (offered: {offered})")
     return value
+
+
+def inductor_compile_config(value: int | dict[str, Any] | None, level: int) -> dict[str, Any]:
+    """vLLM's ``compilation_config["inductor_compile_config"]``: inductor options for the
+    compiled decode step (checked by inductor itself when it compiles); only with level 3."""
+    options = value.get("inductor_compile_config") if isinstance(value, dict) else None
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not all(isinstance(key, str) for key in options):
+        raise ConfigError(
+            f"compilation_config inductor_compile_config must be an object of inductor options "
+            f'(e.g. {{"freezing": true}}), got {options!r}'
+        )
+    if level != 3:
+        raise ConfigError(
+            "compilation_config inductor_compile_config needs level 3 (only the compiled CPU decode step "
+            "reads it); add \"level\": 3"
+        )
+    return dict(options)
 
 
 #: Flat (vLLM-style) argument names -> (part of EngineConfig, field).

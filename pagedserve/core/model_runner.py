@@ -128,7 +128,7 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
         if compiled:
             sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
                 config.scheduler.max_num_seqs)
-            forward = compile_decode(self.model, len(sizes), self.backend)
+            forward = compile_decode(self.model, len(sizes), self.backend, config.inductor_compile_config)
             self.padded_decode = PaddedDecode(config, sizes, self.backend, forward, self.num_kv_blocks,
                                               self.device, capture=False,
                                               traced=type(self.backend).supports_traced_decode)

@@ -177,7 +177,7 @@ class DraftModelProposer(Proposer):
             sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
                 config.scheduler.max_num_seqs)
             # Both models' graphs hang on the one forward code object (dynamo's recompile limit).
-            forward = compile_decode(self.model, 2 * len(sizes), self.backend)
+            forward = compile_decode(self.model, 2 * len(sizes), self.backend, config.inductor_compile_config)
             self._decode = PaddedDecode(config, sizes, self.backend, forward, num_blocks, self.device, capture=False,
                                         traced=type(self.backend).supports_traced_decode)
             with torch.inference_mode():
