@@ -14,7 +14,8 @@
 # BATCH1_TOKENS (256),
 # SEQUENTIAL_PROMPTS (8; LARGE_SEQUENTIAL_PROMPTS 4), SCENARIOS (offline-64,serve-64,batch-1;
 # LARGE_SCENARIOS offline-64,batch-1), MODELS (tiny-py,smollm-135m-shape), SYSTEMS (all),
-# OUTPUT (benchmarks/results/peers-cpu.json), LLAMA_CPP_PYTHON_VERSION (0.3.36), JOBS (build jobs, 2).
+# OUTPUT (benchmarks/results/peers-cpu.json), LLAMA_CPP_PYTHON_VERSION (0.3.36), JOBS (build jobs, 2),
+# O3_CONFIG (pagedserve-O3's compilation_config, JSON; default {"level": 3}).
 set -euo pipefail
 started=$SECONDS
 peers=${PEERS_DIR:-.peers}
@@ -73,6 +74,7 @@ IFS=, ; precision_list="${precisions[*]}"; unset IFS
 $py benchmarks/peers/run.py --models-dir "$peers/models" --models "$models" --precision "$precision_list" \
     --gguf-dir "$peers/gguf" --llama-server "$server" --llama-source "$src" --ct2-dir "$peers/ct2" \
     --ct2-python "$peers/venv-ct2/bin/python" --hf-python "$peers/venv-hf/bin/python" \
+    ${O3_CONFIG:+--o3-config "$O3_CONFIG"} \
     --threads "$threads" --rounds "${ROUNDS:-3}" --large-rounds "${LARGE_ROUNDS:-1}" \
     --num-prompts "${NUM_PROMPTS:-64}" --lengths "${LENGTHS:-uniform:32-256,16-256}" --batch1-tokens "${BATCH1_TOKENS:-256}" \
     --sequential-prompts "${SEQUENTIAL_PROMPTS:-8}" --large-sequential-prompts "${LARGE_SEQUENTIAL_PROMPTS:-4}" \

@@ -17,11 +17,11 @@ Scenarios, per model:
 Each round draws new prompts (the same for every system within the round), so no system's
 prefix cache holds a round's prompts from the round before.
 
-Every system but transformers' runs at the same precision: ``fp32`` (float32 weights
+Every system runs at the same precision: ``fp32`` (float32 weights
 everywhere), ``int8`` (pagedserve ``--quantization int8``, llama.cpp Q8_0, CTranslate2
 ``int8_float32``) or ``bf16`` (pagedserve ``--dtype bfloat16``, llama.cpp's BF16 GGUF;
-CTranslate2 is not run: ``bfloat16`` is not one of its CPU compute types). transformers
-stays float32 and is measured in the fp32 run only. ``--precision fp32,int8,bf16`` runs them
+CTranslate2 is not run: ``bfloat16`` is not one of its CPU compute types). transformers runs
+float32 in the fp32 run and bfloat16 in the bf16 run (it has no int8 CPU path: not run there). ``--precision fp32,int8,bf16`` runs them
 one after another and writes one JSON.
 
 The 135M shape is run with fewer rounds and scenarios than tiny-py by default
@@ -161,7 +161,7 @@ def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted:
         systems["pagedserve"] = Worker(sys.executable, "pagedserve", str(folder), args.threads, pagedserve_extra)
     if "pagedserve-O3" in wanted:  # the compiled CPU decode step (compilation_config level 3), opt-in
         systems["pagedserve-O3"] = Worker(sys.executable, "pagedserve", str(folder), args.threads,
-                                          {**pagedserve_extra, "compilation_config": 3})
+                                          {**pagedserve_extra, "compilation_config": json.loads(args.o3_config)})
     if "pagedserve-serve" in wanted:
         command = [str(Path(sys.executable).parent / "pagedserve"), "--log-level", "WARNING", "serve", str(folder),
                    "--port", str(args.port), "--max-num-seqs", "64", "--max-model-len", "512", *options]
@@ -188,8 +188,9 @@ def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted:
         ct2 = Path(args.ct2_dir) / f"{model}"
         systems["ctranslate2"] = Worker(args.ct2_python, "ctranslate2", str(ct2), args.threads,
                                         {"compute_type": ct2_type})
-    if "transformers" in wanted and precision == "fp32":
-        systems["transformers"] = Worker(args.hf_python, "transformers", str(folder), args.threads, {})
+    hf_dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision)  # it has no int8 CPU path
+    if "transformers" in wanted and hf_dtype is not None:
+        systems["transformers"] = Worker(args.hf_python, "transformers", str(folder), args.threads, {"dtype": hf_dtype})
 
 
 Work = dict[str, tuple[list[list[int]], list[int]]]
@@ -356,6 +357,7 @@ def main() -> None:
     parser.add_argument("--ct2-dir")
     parser.add_argument("--ct2-python")
     parser.add_argument("--hf-python")
+    parser.add_argument("--o3-config", default='{"level": 3}', help="pagedserve-O3's compilation_config (JSON)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--lengths", default="uniform:32-256,16-256", help="the requests' lengths (bench --lengths)")

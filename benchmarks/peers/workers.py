@@ -62,7 +62,8 @@ class Transformers:
         import transformers
 
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        dtype = getattr(torch, extra.get("dtype", "float32"))
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype).eval()
 
     def run(self, prompts: list[list[int]], output_lens: list[int]) -> int:
         tokens = 0
