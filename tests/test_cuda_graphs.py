@@ -77,6 +77,12 @@ def test_decode_buffers_pad_into_their_own_block() -> None:
     assert layout.query_start_loc.tolist() == [0, 1, 2, 3, 4]
     assert layout.num_computed_tokens.tolist() == [5, 0, 0, 0]
     assert layout.max_seq_len == 12 and layout.max_query_len == 1
+    # Request 0's blocks 2, 7 are not consecutive; request 1's (and a padding row's) one block is.
+    assert layout.first_blocks_if_consecutive == [None, 3, 9, 9]
+    buffers.write([11], [9], [[4, 5, 6]], size=1)
+    assert buffers.layout(1, [10], max_seq_len=12).first_blocks_if_consecutive == [4]
+    buffers.write([11], [7], [[4, 5, 9]], size=1)  # the block past position 7 is not read
+    assert buffers.layout(1, [8], max_seq_len=12).first_blocks_if_consecutive == [4]
 
 
 def _config(**kwargs: object):

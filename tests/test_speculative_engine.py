@@ -227,3 +227,37 @@ def test_a_draft_that_is_the_target_has_its_proposals_accepted(tiny_model, draft
         proposed = sum(o.metrics.get("spec_num_draft_tokens", 0) for o in outputs)
         accepted = sum(o.metrics.get("spec_num_accepted_tokens", 0) for o in outputs)
         assert proposed > 0 and accepted >= 0.9 * proposed
+
+
+def test_draft_reuses_the_kv_of_its_accepted_proposals(model) -> None:
+    """The draft's KV of the proposals it fed is kept where the target accepted them: its
+    proposals are those of a draft that catches up on every token from scratch each step, and
+    its catch-ups feed far fewer tokens (the target's own one, as a decode step, after a
+    rejection; the last proposal and the target's token after a full acceptance)."""
+    model_dir, expected, draft = model
+    proposals: dict[bool, list[list[list[int]]]] = {}
+    fed: dict[bool, int] = {}
+    for reuse in (True, False):
+        llm = LLM(model_dir, dtype="float32", speculative_config=spec_config("draft_model", draft))
+        proposer = llm.engine.runner.proposer
+        propose, forward = proposer.propose, proposer._forward
+        calls = proposals[reuse] = []
+        fed[reuse] = 0
+
+        def spy_propose(batch, propose=propose, calls=calls, reuse=reuse, proposer=proposer):
+            if not reuse:
+                proposer._states.clear()  # the whole history recomputed
+            drafts = propose(batch)
+            calls.append([d.token_ids for d in drafts])
+            return drafts
+
+        def spy_forward(seqs, token_ids, forward=forward, reuse=reuse):
+            fed[reuse] += len(token_ids)
+            return forward(seqs, token_ids)
+
+        proposer.propose, proposer._forward = spy_propose, spy_forward
+        outputs = llm.generate(PROMPTS32[:4], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected["batch32"][:4]
+    assert proposals[True] == proposals[False] and proposals[True]
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    assert prompt_tokens < fed[True] < prompt_tokens + 2 * len(proposals[True]) * len(outputs) < fed[False]

@@ -150,6 +150,30 @@ def test_one_decode_in_consecutive_blocks_reads_a_slice_of_the_cache(
     assert metadata.decode_groups[0].contiguous == (0, context + 1)
 
 
+@pytest.mark.parametrize(("contexts", "new_tokens", "block_size"),
+                         [([30], [5], 16), ([33, 7], [9, 3], 4), ([1], [2], 1), ([5], [40], 8)])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+@pytest.mark.parametrize(("window", "soft_cap"), [(None, None), (3, None), (100, None), (None, 1.0)])
+def test_several_new_tokens_in_consecutive_blocks_read_a_slice_of_the_cache(
+    contexts: list[int], new_tokens: list[int], block_size: int, num_kv_heads: int, window: int | None,
+    soft_cap: float | None,
+) -> None:  # fmt: skip
+    """A speculative verification's or a draft's catch-up's shape (a cached context, a few new
+    tokens) attended from a slice of the cache under the span's folded mask; a later prefill
+    chunk (40 new tokens) from a slice, unfolded."""
+    torch.manual_seed(0)
+    out, expected = run_case(random.Random(0), contexts, new_tokens, num_kv_heads, block_size, window,
+                             soft_cap=soft_cap, consecutive_blocks=True)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    seqs, first = [], 0
+    for context, new in zip(contexts, new_tokens):
+        count = math.ceil((context + new) / block_size)
+        seqs.append((list(range(first, first + count)), context, new))
+        first += count
+    metadata = TorchRefBackend(config=None).build_metadata(build_batch_layout(seqs, block_size, "cpu"))
+    assert [span.first_block for span in metadata.spans] == [s[0][0] for s in seqs]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_stays_close_to_fp64(dtype: torch.dtype) -> None:
     torch.manual_seed(0)

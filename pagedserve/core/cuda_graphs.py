@@ -138,7 +138,17 @@ class DecodeBuffers:
             block_size=self.block_size,
             query_lens_list=[1] * size,
             seq_lens_list=seq_lens,
+            first_blocks_if_consecutive=self._first_blocks(size) if self.device.type == "cpu" else None,
         )
+
+    def _first_blocks(self, size: int) -> list[int | None]:
+        """``BatchLayout.first_blocks_if_consecutive`` of the rows last written (on the host):
+        an eager padded step on the CPU then reads a lone request's context as a slice."""
+        tables = self._block_tables[:size]
+        needed = self._positions[:size] // self.block_size + 1
+        filled = np.arange(1, tables.shape[1])[None, :] < needed[:, None]
+        consecutive = np.all((np.diff(tables, axis=1) == 1) | ~filled, axis=1)
+        return [int(b) if c else None for b, c in zip(tables[:, 0], consecutive)]
 
 
 #: ``forward(input_ids, positions)``, or for a traced compiled step ``forward(input_ids,

@@ -4,8 +4,10 @@ Its KV cache lives in tensors of its own but is addressed by the target's block 
 blocks the scheduler hands a request hold both models' KV, and the scheduler keeps ``k``
 lookahead slots past the scheduled tokens for the draft's proposals. After each step the draft
 catches up on the request's new tokens (the whole prompt for a request it has not seen, or one
-that was preempted; the accepted tokens and the target's own one otherwise) in its first
-forward, whose last position gives the first proposal; each further forward adds one.
+that was preempted) in its first forward, whose last position gives the first proposal; each
+further forward adds one. The KV it wrote for the proposals it fed stays valid where the target
+accepted them, so after a rejection the catch-up is the target's one token (a decode step),
+after a full acceptance the last proposal and that token.
 
 Greedy requests get the draft's argmax; sampled ones a token drawn from the draft's
 distribution at the request's temperature, which travels with the proposal for the rejection
@@ -49,11 +51,23 @@ DEFAULT_DRAFTS = {DEFAULT_MODEL: DRAFT_MODEL}
 
 @dataclass
 class _DraftState:
-    """Positions ``0 .. num_computed - 1`` of the request hold valid draft KV (valid while the
-    request was not preempted since)."""
+    """Positions ``0 .. num_computed - 1`` of the request hold valid draft KV, and the next ones
+    the KV of the proposals ``fed`` after them (valid while the request was not preempted
+    since; a fed proposal's KV is the request's where the request kept it, and every one
+    before)."""
 
     num_computed: int
     num_preemptions: int
+    fed: list[int]
+
+    def valid_until(self, token_ids: list[int], limit: int) -> int:
+        """How many of the request's first positions (at most ``limit``) hold its KV."""
+        valid = min(self.num_computed, limit)
+        for position, token in enumerate(self.fed, self.num_computed):
+            if position >= limit or token_ids[position] != token:
+                break
+            valid = position + 1
+        return valid
 
 
 def default_draft(target: str) -> str | None:
@@ -207,8 +221,10 @@ class DraftModelProposer(Proposer):
             state = self._states.get(request.request_id)
             start = 0
             if state is not None and state.num_preemptions == request.num_preemptions:
-                start = min(state.num_computed, num_tokens - 1)
-            self._states[request.request_id] = _DraftState(num_tokens, request.num_preemptions)
+                # The proposals the target accepted were fed already: usually only its own
+                # token is new, and the catch-up is a padded decode step.
+                start = state.valid_until(request.all_token_ids, num_tokens - 1)
+            self._states[request.request_id] = _DraftState(num_tokens, request.num_preemptions, [])
             requests.append(request)
             limits.append(min(k, slots - num_tokens + 1))
             seqs.append((request.block_ids, start, num_tokens - start))
@@ -219,6 +235,8 @@ class DraftModelProposer(Proposer):
                 drafts = self._propose(requests, limits, seqs, token_ids)
             for request, draft in zip(requests, drafts):
                 by_id[request.request_id] = draft
+                # Every proposal but the last was fed (its KV written) for the next one.
+                self._states[request.request_id].fed = draft.token_ids[:-1]
         return [by_id.get(r.request_id, DraftTokens([])) for r in batch.requests]
 
     def _propose(
@@ -230,7 +248,10 @@ class DraftModelProposer(Proposer):
     ) -> list[DraftTokens]:
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
-        logits = self._forward(seqs, token_ids)
+        if all(count == 1 for _, _, count in seqs):
+            logits = self._decode_step(token_ids, [start for _, start, _ in seqs], [b for b, _, _ in seqs])
+        else:
+            logits = self._forward(seqs, token_ids)
         active = [i for i, limit in enumerate(limits) if limit > 0]
         logits = logits[active]
         step = 0

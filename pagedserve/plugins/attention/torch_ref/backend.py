@@ -16,7 +16,9 @@ Where the time goes on a CPU, and what this does about it:
   without reordering its queries or its output.
 - A request with several new tokens and nothing cached (a first prefill chunk) attends to its new
   K/V directly, without reading them back from the cache, and without a mask when it has no
-  sliding window (SDPA's own causal path).
+  sliding window (SDPA's own causal path). With a cached context in consecutive blocks on the CPU
+  (a speculative verification, a draft's catch-up) it attends a slice of the cache, its query
+  heads grouped by KV head under one mask made once a step.
 - A compiled decode step (``-O3`` on the CPU) attends inside its graph (``traced_decode``): no
   host metadata, no gather, no opaque op.
 """
@@ -38,6 +40,10 @@ if TYPE_CHECKING:
 #: A decode group costs about as much as gathering and attending this many padded key slots
 #: (measured on a CPU: one group's gathers and SDPA call are ~50 µs, a padded slot ~40 ns).
 GROUP_COST_SLOTS = 1024
+#: The most new tokens of a request whose query heads are folded into their KV head's query
+#: rows (a speculative verification, a draft's catch-up); a long prefill chunk's folded mask
+#: would be that many times larger than its own.
+MAX_FOLDED_QUERY_LEN = 32
 
 
 @dataclass
@@ -84,6 +90,27 @@ class MultiTokenSpan:
     #: Its blocks (int64), or None when nothing was cached before this step: then its keys and
     #: values are exactly this step's new ones.
     block_ids: torch.Tensor | None
+    #: On the CPU, when something was cached and its blocks are consecutive: the first one (its
+    #: keys and values are then a slice of the cache, no gather).
+    first_block: int | None = None
+    #: By (sliding window, dtype): the additive mask of its queries at their absolute positions,
+    #: [H / Hkv * query_len, seq_len] (the query heads sharing a KV head fold into its query
+    #: rows), made once a step for every layer.
+    masks: dict[tuple[int | None, torch.dtype, int], torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, sliding_window: int | None, dtype: torch.dtype, group: int, device: torch.device) -> torch.Tensor:
+        key = (sliding_window, dtype, group)
+        mask = self.masks.get(key)
+        if mask is None:
+            query_len = self.end - self.start
+            key_positions = torch.arange(self.seq_len, device=device)[None, :]
+            query_positions = key_positions[:, self.seq_len - query_len :].T
+            attended = key_positions <= query_positions
+            if sliding_window is not None:
+                attended &= key_positions > query_positions - sliding_window
+            mask = torch.zeros(attended.shape, dtype=dtype, device=device).masked_fill_(~attended, float("-inf"))
+            mask = self.masks[key] = mask.repeat(group, 1)
+        return mask
 
 
 @dataclass
@@ -151,6 +178,7 @@ class TorchRefBackend(AttentionBackend):
         device = layout.block_tables.device
         block_size = layout.block_size
         tables = layout.block_tables.long()
+        firsts = layout.first_blocks_if_consecutive if device.type == "cpu" else None
         decodes: list[int] = []
         spans: list[MultiTokenSpan] = []
         start = 0
@@ -159,8 +187,9 @@ class TorchRefBackend(AttentionBackend):
                 decodes.append(i)
             elif query_len > 1:
                 cached = seq_len > query_len
-                blocks = tables[i, : -(-seq_len // block_size)] if cached else None
-                spans.append(MultiTokenSpan(start, start + query_len, seq_len, blocks))
+                first = firsts[i] if cached and firsts is not None else None
+                blocks = tables[i, : -(-seq_len // block_size)] if cached and first is None else None
+                spans.append(MultiTokenSpan(start, start + query_len, seq_len, blocks, first))
             start += query_len
 
         groups = []
@@ -296,13 +325,19 @@ class TorchRefBackend(AttentionBackend):
     ) -> torch.Tensor:
         """One request's new tokens against its whole context (causal at absolute positions)."""
         seq_len, query_len = span.seq_len, span.end - span.start
-        if span.block_ids is None:
+        if span.first_block is not None:
+            if layer.logits_soft_cap is None and query_len <= MAX_FOLDED_QUERY_LEN:
+                return self._multi_token_slice(layer, query, key_cache, value_cache, span)
+            end = span.first_block + -(-seq_len // key_cache.shape[1])
+            keys = key_cache[span.first_block : end].flatten(0, 1)[:seq_len]  # [S, Hkv, D]
+            values = value_cache[span.first_block : end].flatten(0, 1)[:seq_len]
+        elif span.block_ids is None:
             keys, values = key[span.start : span.end], value[span.start : span.end]
         else:
             keys = key_cache.index_select(0, span.block_ids).flatten(0, 1)[:seq_len]  # [S, Hkv, D]
             values = value_cache.index_select(0, span.block_ids).flatten(0, 1)[:seq_len]
         mask = None
-        if span.block_ids is not None or layer.sliding_window is not None:
+        if span.block_ids is not None or span.first_block is not None or layer.sliding_window is not None:
             key_positions = torch.arange(seq_len, device=query.device)[None, :]
             query_positions = key_positions[:, seq_len - query_len :].T
             mask = key_positions <= query_positions
@@ -316,6 +351,32 @@ class TorchRefBackend(AttentionBackend):
             mask,
         )
         return out.squeeze(0).transpose(0, 1)
+
+    def _multi_token_slice(
+        self,
+        layer: Attention,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        span: MultiTokenSpan,
+    ) -> torch.Tensor:
+        """``_multi_token`` for a short span in consecutive blocks (a speculative verification, a
+        draft's catch-up): its keys and values a slice of the cache, the
+        query heads sharing a KV head folded into that head's query rows under the span's one
+        mask (as a decode group's are: SDPA without its GQA path, no mask built per layer)."""
+        seq_len, query_len = span.seq_len, span.end - span.start
+        num_kv_heads, head_size = layer.num_kv_heads, layer.head_size
+        group = layer.num_heads // num_kv_heads
+        end = span.first_block + -(-seq_len // key_cache.shape[1])
+        keys = key_cache[span.first_block : end].view(-1, num_kv_heads, head_size)[:seq_len].transpose(0, 1)[None]
+        values = value_cache[span.first_block : end].view(-1, num_kv_heads, head_size)[:seq_len].transpose(0, 1)[None]
+        # [Q, H, D] -> [1, Hkv, group * Q, D]: rows by head within the group, then by query.
+        queries = query[span.start : span.end].view(query_len, num_kv_heads, group, head_size)
+        queries = queries.permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * query_len, head_size)
+        mask = span.mask(layer.sliding_window, query.dtype, group, query.device)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=layer.scale)
+        return out.view(num_kv_heads, group, query_len, head_size).permute(2, 0, 1, 3).reshape(
+            query_len, layer.num_heads, head_size)
 
 
 def _attend(
