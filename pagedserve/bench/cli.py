@@ -157,8 +157,9 @@ def throughput(model: str | None, quantization: str | None, num_prompts: int, le
 def latency(model: str | None, batch_size: str, input_len: int, output_len: int, workload: str, num_iters: int,
             num_iters_warmup: int, workload_seed: int, output_json: str | None, **kwargs: Any) -> None:
     """Latency of one batch end to end (greedy, ignore_eos), as ``vllm bench latency``. With
-    ``--speculative-config``, also without it in the same run: the speed-up and the mean
-    accepted length (tokens per verification step, the target's own one included)."""
+    ``--speculative-config``, also without it in the same run, the two engines taking turns
+    batch by batch: the speed-up and the mean accepted length (tokens per verification step,
+    the target's own one included)."""
     from pagedserve.bench.latency import make_prompts, run_latency
     from pagedserve.bench.report import format_table, write_result
     from pagedserve.core.config import engine_config_from_args
@@ -180,8 +181,7 @@ def latency(model: str | None, batch_size: str, input_len: int, output_len: int,
     results: dict[str, Any] = {}
     rows: list[tuple[str, Any]] = []
     for size in sizes:
-        for name, engine in engines.items():
-            result = run_latency(engine, prompts, size, output_len, num_iters, num_iters_warmup)
+        for name, result in run_latency(engines, prompts, size, output_len, num_iters, num_iters_warmup).items():
             results[f"{name}_batch_{size}"] = result
             rows += [(f"{name} batch {size} {key}", value) for key, value in result.items() if key != "batch_size"]
         if speculative is not None:

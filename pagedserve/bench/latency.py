@@ -55,37 +55,44 @@ def make_prompts(kind: str, engine: LLMEngine, count: int, input_len: int, outpu
 
 
 def run_latency(
-    engine: LLMEngine, prompts: list[list[int]], batch_size: int, output_len: int, iterations: int, warmup: int
-) -> dict[str, Any]:
-    """Generate ``iterations`` batches of ``batch_size`` prompts (greedy, ignore_eos, exactly
-    ``output_len`` tokens each); the latencies, tokens/s and speculation counts."""
+    engines: dict[str, LLMEngine], prompts: list[list[int]], batch_size: int, output_len: int, iterations: int,
+    warmup: int,
+) -> dict[str, dict[str, Any]]:
+    """Per engine: generate ``iterations`` batches of ``batch_size`` prompts (greedy, ignore_eos,
+    exactly ``output_len`` tokens each) after ``warmup`` ones; the latencies, tokens/s and
+    speculation counts. The engines take turns batch by batch (the same batch for each), so a
+    change of the machine's load falls on all of them alike."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    latencies = []
-    drafts = accepted = proposed = 0
+    latencies: dict[str, list[float]] = {name: [] for name in engines}
+    counts = {name: [0, 0, 0] for name in engines}  # drafts, accepted, proposed
     for iteration in range(warmup + iterations):
         batch = [prompts[(iteration * batch_size + i) % len(prompts)] for i in range(batch_size)]
-        ids = [f"latency-{iteration}-{i}" for i in range(batch_size)]
-        start = time.perf_counter()
-        for request_id, prompt in zip(ids, batch):
-            engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-        finished = []
-        while engine.has_unfinished_requests():
-            finished.extend(o for o in engine.step() if o.finished)
-        if iteration < warmup:
-            continue
-        latencies.append(time.perf_counter() - start)
-        for output in finished:
-            drafts += output.metrics.get("spec_num_drafts", 0)
-            accepted += output.metrics.get("spec_num_accepted_tokens", 0)
-            proposed += output.metrics.get("spec_num_draft_tokens", 0)
-    total = sum(latencies)
-    result: dict[str, Any] = {
-        "batch_size": batch_size,
-        "avg_latency_s": statistics.mean(latencies),
-        "output_tokens_per_s": batch_size * output_len * len(latencies) / total,
-    }
-    if drafts:
-        result["mean_accepted_length"] = 1 + accepted / drafts
-        result["acceptance_rate"] = accepted / proposed if proposed else 0.0
-        result["num_drafts"] = drafts
-    return result
+        for name, engine in engines.items():
+            ids = [f"latency-{name}-{iteration}-{i}" for i in range(batch_size)]
+            start = time.perf_counter()
+            for request_id, prompt in zip(ids, batch):
+                engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+            finished = []
+            while engine.has_unfinished_requests():
+                finished.extend(o for o in engine.step() if o.finished)
+            if iteration < warmup:
+                continue
+            latencies[name].append(time.perf_counter() - start)
+            for output in finished:
+                counts[name][0] += output.metrics.get("spec_num_drafts", 0)
+                counts[name][1] += output.metrics.get("spec_num_accepted_tokens", 0)
+                counts[name][2] += output.metrics.get("spec_num_draft_tokens", 0)
+    results = {}
+    for name, times in latencies.items():
+        result: dict[str, Any] = {
+            "batch_size": batch_size,
+            "avg_latency_s": statistics.mean(times),
+            "output_tokens_per_s": batch_size * output_len * len(times) / sum(times),
+        }
+        drafts, accepted, proposed = counts[name]
+        if drafts:
+            result["mean_accepted_length"] = 1 + accepted / drafts
+            result["acceptance_rate"] = accepted / proposed if proposed else 0.0
+            result["num_drafts"] = drafts
+        results[name] = result
+    return results
