@@ -199,10 +199,26 @@ def test_int8_experts_match_their_dequantized_weights(num_tokens: int, top_k: in
     torch.testing.assert_close(layer(x, logits).double(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_cpu_experts_compile_as_one_graph() -> None:
-    """The per-expert loop is one opaque op: no graph break, no data-dependent shape."""
+@pytest.mark.parametrize("layout", ["int8", "onednn-bf16"])
+def test_cpu_experts_compile_as_one_graph(layout: str) -> None:
+    """Each projection's per-expert loop is one opaque op (``moe_cpu_experts_matmul``), the
+    routing, gather, activation and weighted sum traced around it: no graph break, no
+    data-dependent shape, the eager result."""
+    if layout == "onednn-bf16" and not cpu_experts.onednn_available():
+        pytest.skip("no native bf16 matmul (oneDNN) on this CPU")
     x, w13, w2, _, _ = make_inputs(9, 4, 2, 64, 48, seed=3)
     logits = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
-    layer = loaded_layer(w13, w2, 2, torch.float32, Int8Config())
-    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=True)
-    torch.testing.assert_close(compiled(x, logits), layer(x, logits))
+    dtype, quant = (torch.float32, Int8Config()) if layout == "int8" else (torch.bfloat16, None)
+    layer = loaded_layer(w13.to(dtype), w2.to(dtype), 2, dtype, quant)
+    assert layer.cpu_weights is not None
+    x, logits = x.to(dtype), logits.to(dtype)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        graphs.append(graph)
+        return graph
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x, logits), layer(x, logits), rtol=0, atol=0)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("moe_cpu_experts_matmul" in target for target in targets) == 2, targets

@@ -78,6 +78,29 @@ def test_int8_matmul_matches_the_dequantized_weight(rows: int, kernel: str) -> N
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.skipif(not CPU_HAS_INT8_DOT, reason="the int8 GEMM needs int8 dot products (VNNI/AMX)")
+def test_compiled_int8_gemm_is_one_opaque_op_with_the_eager_result() -> None:
+    """Under torch.compile the int8 GEMM and its rescale are one op (``pagedserve::int8_gemm``),
+    so inductor cannot inline the rescale into a consumer that reduces over another axis (the
+    traced decode attention recomputed it per key position); same values as eager, no break."""
+    torch.manual_seed(0)
+    q, scale = quantize_int8(torch.randn(96, 64))
+    scale = scale.to(torch.bfloat16)
+    x = torch.randn(16, 64)
+    assert int8_cpu_kernel(16, q) == "int8_gemm"
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        graphs.append(graph)
+        return graph
+
+    compiled = torch.compile(lambda x: int8_matmul(x, q, scale, None), backend=record, fullgraph=True)
+    torch.testing.assert_close(compiled(x), int8_matmul(x, q, scale, None), rtol=0, atol=0)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert any("pagedserve.int8_gemm" in target for target in targets), targets
+    assert not any("_int_mm" in target for target in targets), targets
+
+
 def test_int8_refuses_a_checkpoint_that_is_already_quantized() -> None:
     with pytest.raises(ValueError, match="already quantized"):
         Int8Config.from_config({"quant_method": "gptq", "bits": 4})

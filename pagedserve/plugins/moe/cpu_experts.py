@@ -15,8 +15,9 @@ Two layouts, chosen after loading (``FusedMoE``'s methods):
   the experts of a projection), one with a prefill's rows by its weight dequantized.
 
 The per-expert loop needs each expert's row count on the host; on the CPU reading it is no
-device sync, and the whole computation is one custom op (``pagedserve::moe_cpu_experts``) so that
-``torch.compile`` sees one opaque node, no graph break and no data-dependent shapes.
+device sync, and under ``torch.compile`` each projection's loop is one custom op
+(``pagedserve::moe_cpu_experts_matmul``): no graph break, no data-dependent shapes, and the rest
+of the layer (sort, gather, activation, weighted sum) compiled with the graph around it.
 """
 
 from __future__ import annotations
@@ -46,14 +47,27 @@ def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-def _experts_matmul(
-    x: Tensor, groups: list[tuple[int, int, int]], weights: list[Tensor], scales: list[Tensor], row_experts: Tensor
+def experts_matmul(
+    x: Tensor, ends: Tensor, row_experts: Tensor, weights: list[Tensor], scales: list[Tensor]
 ) -> Tensor:
-    """Each group's rows ``x[start:end]`` by its expert's weight -> ``[rows, N]`` (``row_experts``:
-    each row's expert). int8: when most rows go int8 by int8 (a decode step), every group does, on
-    the rows quantized once, into one int32 product rescaled once by each row's scale and its
-    expert's channel scales; otherwise (a prefill, most experts with rows enough to dequantize
-    their weight) each group by ``int8_cpu_matmul``'s own choice."""
+    """The rows ``x`` sorted by expert (``row_experts``: each row's expert; ``ends[e]``: one past
+    expert ``e``'s last row), each expert's rows by its weight -> ``[rows, N]``. int8: when most
+    rows go int8 by int8 (a decode step), every group does, on the rows quantized once, into one
+    int32 product rescaled once by each row's scale and its expert's channel scales; otherwise (a
+    prefill, most experts with rows enough to dequantize their weight) each group by
+    ``int8_cpu_matmul``'s own choice.
+
+    Under ``torch.compile`` this is the opaque op ``pagedserve::moe_cpu_experts_matmul`` (whose
+    implementation is this function, run eagerly): the loop needs each expert's row count on the
+    host (on the CPU reading it is no device sync), so only the matmuls are opaque and inductor
+    fuses the routing, gather, activation and weighted sum around them into its own kernels."""
+    if torch.compiler.is_compiling():
+        return _experts_matmul_op(x, ends, row_experts, weights, scales)
+    groups, start = [], 0
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            groups.append((expert, start, end))
+        start = end
     out = x.new_empty(x.shape[0], weights[0].shape[0])
     if not scales:
         for expert, start, end in groups:
@@ -74,6 +88,14 @@ def _experts_matmul(
     return out
 
 
+_experts_matmul_op = torch.library.custom_op("pagedserve::moe_cpu_experts_matmul", experts_matmul, mutates_args=())
+
+
+@_experts_matmul_op.register_fake
+def _(x: Tensor, ends: Tensor, row_experts: Tensor, weights: list[Tensor], scales: list[Tensor]) -> Tensor:
+    return x.new_empty(x.shape[0], weights[0].shape[0])
+
+
 def moe_cpu_experts(
     hidden: Tensor,
     weights: Tensor,
@@ -89,42 +111,14 @@ def moe_cpu_experts(
 
     ``w13``/``w2``: one weight per expert, oneDNN-packed bf16 (``scales*`` empty) or int8 with
     per-output-channel ``scales*`` (whose dtype is the activations'). The (token, expert) pairs
-    are sorted by expert once; each projection is a matmul per expert with rows, and the
-    activation one op over all the rows.
-
-    Under ``torch.compile`` this is the opaque op ``pagedserve::moe_cpu_experts`` (whose
-    implementation is this function, run eagerly); eager calls skip the op, whose dispatch costs
-    about 100 us a call on the CPU."""
-    if torch.compiler.is_compiling():
-        return _experts_op(hidden, weights, ids, w13, w2, scales13, scales2, activation)
+    are sorted by expert once; each projection is a matmul per expert with rows
+    (``experts_matmul``), and the activation one op over all the rows."""
     num_tokens, top_k = ids.shape
     dtype = scales13[0].dtype if scales13 else ONEDNN_DTYPE
-    flat = ids.flatten()
-    row_experts, order = torch.sort(flat, stable=True)
-    groups, start = [], 0
-    for expert, count in enumerate(torch.bincount(flat, minlength=len(w13)).tolist()):
-        if count:
-            groups.append((expert, start, start + count))
-            start += count
+    row_experts, order = torch.sort(ids.flatten(), stable=True)
+    ends = torch.searchsorted(row_experts, torch.arange(len(w13), device=ids.device), right=True)
     rows = hidden.to(dtype).index_select(0, order // top_k)
-    gate, up = _experts_matmul(rows, groups, w13, scales13, row_experts).chunk(2, dim=-1)
-    out = _experts_matmul(get_act_fn(activation)(gate) * up, groups, w2, scales2, row_experts)
+    gate, up = experts_matmul(rows, ends, row_experts, w13, scales13).chunk(2, dim=-1)
+    out = experts_matmul(get_act_fn(activation)(gate) * up, ends, row_experts, w2, scales2)
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
-
-
-_experts_op = torch.library.custom_op("pagedserve::moe_cpu_experts", moe_cpu_experts, mutates_args=())
-
-
-@_experts_op.register_fake
-def _(
-    hidden: Tensor,
-    weights: Tensor,
-    ids: Tensor,
-    w13: list[Tensor],
-    w2: list[Tensor],
-    scales13: list[Tensor],
-    scales2: list[Tensor],
-    activation: str,
-) -> Tensor:
-    return torch.empty_like(hidden)

@@ -101,7 +101,30 @@ def int8_cpu_matmul(
     if kernel == "weight_only":
         return torch._weight_int8pack_mm(x, weight, scale)
     q, row_scale = quantize_rows(x) if quantized is None else quantized
+    return int8_gemm(q, row_scale, weight, scale)
+
+
+def int8_gemm(q: torch.Tensor, row_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``q [M, K]`` int8 rows (``row_scale [M, 1]``) by ``weight [N, K]`` int8 (``scale [N]``):
+    ``torch._int_mm``'s int32 product rescaled -> ``[M, N]`` in ``scale``'s dtype.
+
+    Under ``torch.compile`` this is the opaque op ``pagedserve::int8_gemm`` (whose
+    implementation is this function, run eagerly), so that its output is a tensor: inductor
+    would otherwise inline the rescale (pointwise on the product) into the consumers, and one
+    that reduces over another axis recomputes it per element: in the compiled decode step the
+    traced attention dequantized and roped the query again for every key position (at batch 64,
+    context 128, 7.8 ms a layer against 0.9 ms for eager SDPA and its gather)."""
+    if torch.compiler.is_compiling():
+        return _int8_gemm_op(q, row_scale, weight, scale)
     return (torch._int_mm(q, weight.t()) * row_scale).mul_(scale).to(scale.dtype)
+
+
+_int8_gemm_op = torch.library.custom_op("pagedserve::int8_gemm", int8_gemm, mutates_args=())
+
+
+@_int8_gemm_op.register_fake
+def _(q: torch.Tensor, row_scale: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((q.shape[0], weight.shape[0]), dtype=scale.dtype)
 
 
 def int8_matmul(
