@@ -84,7 +84,7 @@ class TracedDecodeStep:
     writes, so the layers read the graph's own inputs) and None otherwise."""
 
     backend: AttentionBackend | None = None
-    block_tables: torch.Tensor | None = None  # int64 [N, W]: W blocks cover every context
+    block_tables: torch.Tensor | None = None  # int32 [N, W]: W blocks cover every context
     seq_lens: torch.Tensor | None = None  # int32 [N]
     slot_mapping: torch.Tensor | None = None  # int64 [N]
 

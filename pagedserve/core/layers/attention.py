@@ -79,7 +79,6 @@ class AttentionBackend(ABC):
         scores s become ``c * tanh(s / c)`` before the softmax (Gemma 2).
         """
 
-
     def traced_decode(
         self, layer: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         kv_cache: torch.Tensor, step: TracedDecodeStep,
@@ -166,31 +165,28 @@ class Attention(nn.Module):
             return self.attend(query, key, value)
         step = traced_decode_step
         if step.backend is not None:
-            out = step.backend.traced_decode(
-                self,
-                query.view(-1, self.num_heads, self.head_size),
-                key.view(-1, self.num_kv_heads, self.head_size),
-                value.view(-1, self.num_kv_heads, self.head_size),
-                self.kv_cache,
-                step,
-            )
-            return out.reshape(-1, self.num_heads * self.head_size)
+            return self._by_heads(step.backend.traced_decode, query, key, value, step)
         return torch.ops.pagedserve.attention(query, key, value, self.op_id)
+
+    def _by_heads(self, attend: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  extra: Any) -> torch.Tensor:
+        """``attend(self, q, k, v, kv_cache, extra)`` on per-head views, flattened back."""
+        out = attend(
+            self,
+            query.view(-1, self.num_heads, self.head_size),
+            key.view(-1, self.num_kv_heads, self.head_size),
+            value.view(-1, self.num_kv_heads, self.head_size),
+            self.kv_cache,
+            extra,
+        )
+        return out.reshape(-1, self.num_heads * self.head_size)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The eager body of ``forward``: the backend chosen at start-up, with this step's metadata."""
         ctx = get_forward_context()
         if self.kv_cache is None:
             raise RuntimeError("the KV cache is not bound to this attention layer")
-        out = ctx.backend.forward(
-            self,
-            query.view(-1, self.num_heads, self.head_size),
-            key.view(-1, self.num_kv_heads, self.head_size),
-            value.view(-1, self.num_kv_heads, self.head_size),
-            self.kv_cache,
-            ctx.attn_metadata,
-        )
-        return out.reshape(-1, self.num_heads * self.head_size)
+        return self._by_heads(ctx.backend.forward, query, key, value, ctx.attn_metadata)
 
 
 _op_ids = itertools.count()
@@ -207,4 +203,3 @@ def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o
 @_attention_op.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, op_id: int) -> torch.Tensor:
     return torch.empty_like(query)
-
