@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Speculative decoding on the CPU with the bundled model: batch 1 speed-ups (bench latency's
-# defaults: 128 output tokens x 3 iterations after 1 warm-up), RUNS runs each
+# defaults: 128 output tokens x 30 iterations, each a held-out prompt, after 1 warm-up), RUNS runs each
 # (ngram on the code-editing workload at k = 4 and 8, draft_model on held-out stdlib prompts),
 # then batches 2, 4, 16 and 64 with speculation forced on (disable_by_batch_size 0), to find the
 # cross-over (BATCHES=0: batch 1 only). Each run measures plain decoding in the same process: read the ratios, not the

@@ -34,9 +34,15 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 5
 
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters and buffers (a tied LM head counted once)."""
+    """Bytes of a model's parameters and buffers (a tied LM head counted once), a weight packed
+    for oneDNN in place of its dense copy (``cpu_gemm``) counted as packed."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for module in model.modules():
+        packed = getattr(module, "onednn_weight", None)
+        if packed is not None and module.weight.numel() == 0:
+            total += packed.numel() * packed.element_size()
+    return total
 
 
 def weight_bytes(runner: ModelRunner) -> int:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.core.layers import cpu_gemm
 from pagedserve.core.layers.linear import default_weight_loader
 from pagedserve.core.layers.quantization import LinearMethod, QuantizationConfig
 from pagedserve.distributed import parallel_state
@@ -105,7 +106,7 @@ class LMHead(nn.Module):
         if self.quant_method is not None:
             logits = self.quant_method.apply(self, hidden_states, None)
         else:
-            logits = F.linear(hidden_states, self.weight)
+            logits = cpu_gemm.linear(hidden_states, self.weight, None, self)
         if self.shard.world_size > 1:
             logits = parallel_state.all_gather(logits, dim=-1)[..., : self.vocab_size]
         logits = logits.float()

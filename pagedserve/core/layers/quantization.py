@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.core.layers import cpu_gemm
 from pagedserve.core.plugins import get_plugin_manager
 
 #: ``--quantization none``: insist on an unquantized checkpoint.
@@ -89,7 +89,7 @@ class UnquantizedLinearMethod(LinearMethod):
         layer.register_parameter("weight", weight)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return cpu_gemm.linear(x, layer.weight, bias, layer)  # F.linear, or oneDNN on eager CPU engines
 
 
 class QuantizationConfig(ABC):

@@ -40,6 +40,7 @@ from pagedserve.core.compiled_decode import compile_decode, default_compile_size
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention
+from pagedserve.core.layers.cpu_gemm import eager_on_cpu, prepack_dense_linears
 from pagedserve.core.loader import get_model_max_len, load_hf_config, load_model, resolve_model_path
 from pagedserve.core.request import Request
 from pagedserve.core.sampling import request_generator
@@ -138,6 +139,9 @@ class DraftModelProposer(Proposer):
         self.backend = runner.backend
         self.vocab_size = runner.vocab_size
         self.model = load_model(draft_config, None, self.device.type)
+        if eager_on_cpu(config, self.device):
+            with _one_thread(self.device):  # timed as it runs
+                prepack_dense_linears(self.model)
         self.layers = sorted(
             (m for m in self.model.modules() if isinstance(m, Attention)), key=lambda m: m.layer_index
         )

@@ -1,0 +1,146 @@
+"""Dense matmuls on the CPU through oneDNN, on weights reordered once after loading.
+
+``F.linear`` on a CPU tensor calls MKL's sgemm in float32, which at the few rows of a decode or
+verification step runs far below the memory bandwidth: on a 2-core AMD EPYC (AVX-512, no AMX),
+a 384 x 4,096 head took 164 µs at 1 row and 331 µs at 5, against 74 and 102 µs for oneDNN's
+inner product on the same weight reordered into its blocked layout, and every row count up to a
+512-token prefill was faster packed, in float32 and bfloat16 alike (docs/benchmarks.md,
+"oneDNN prepacked weights"). The reorder is the one inductor's ``freezing`` applies
+(``mkldnn._reorder_linear_weight``), and the matmul the op it emits
+(``mkldnn._linear_pointwise``): no code of ours computes.
+
+Only eager CPU runs use it: ``torch.compile`` cannot trace an opaque mkldnn tensor, so an engine
+that compiles (``torch_compile``, ``-O3``) keeps the dense weights, and under ``-O3`` inductor's
+own ``freezing`` option packs them. A packed linear layer drops its dense weight (one copy in
+memory); a tied LM head keeps it, since the embedding reads it, and holds the packed copy beside.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from pagedserve.core.config import EngineConfig
+
+#: The row count oneDNN chooses the packed layout for. Measured on the layers of the bundled
+#: model (1-512 rows, float32 and bfloat16), 16, 64 and 256 gave the same times within noise;
+#: packing for 1 row made 2-16 rows up to twice as slow.
+EXPECTED_ROWS = 64
+
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+#: The row counts each weight shape is timed at (the decode and verification sizes where the
+#: two libraries differ most; from 16 rows on oneDNN was faster for every shape measured).
+CALIBRATION_ROWS = (1, 2, 4, 8, 16)
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN and the two ops (they are private to inductor)."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+def eager_on_cpu(config: EngineConfig, device: torch.device) -> bool:
+    """Whether an engine's models run on the CPU with no ``torch.compile``: the engines whose
+    dense weights may be packed."""
+    return device.type == "cpu" and not config.torch_compile and config.compilation_level != 3
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] reordered into oneDNN's blocked layout (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), EXPECTED_ROWS)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on ``pack(weight)``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through ``layer``'s packed weight when it has one and ``x``
+    has at least its ``onednn_min_rows`` rows."""
+    packed = getattr(layer, "onednn_weight", None)
+    if packed is not None and x.numel() >= layer.onednn_min_rows * x.shape[-1]:
+        return packed_linear(x, packed, bias)
+    return F.linear(x, weight, bias)
+
+
+def _best_time(fn: Callable[[], object], repeats: int = 5, calls: int = 10) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def time_both(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> tuple[float, float]:
+    """The best times of ``F.linear`` and ``packed_linear`` on ``rows`` rows (seconds per 10)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    return (_best_time(lambda: F.linear(x, weight)), _best_time(lambda: packed_linear(x, packed, None)))
+
+
+Timer = Callable[[torch.Tensor, torch.Tensor, int], tuple[float, float]]
+
+
+def packed_from_rows(weight: torch.Tensor, packed: torch.Tensor, timer: Timer | None = None) -> int | None:
+    """The fewest rows from which the packed matmul is faster, of ``CALIBRATION_ROWS``, timed on
+    this machine from the most rows down (None: not even at the most). oneDNN pays a fixed cost
+    a call (about 15 µs measured) that MKL does not on a small weight, while MKL's few-row sgemm
+    runs far below the bandwidth on a large one: which wins depends on the shape and the CPU."""
+    first = None
+    for rows in reversed(CALIBRATION_ROWS):
+        dense, onednn = (timer or time_both)(weight, packed, rows)
+        if onednn >= dense:
+            break
+        first = rows
+    return first
+
+
+def prepack_dense_linears(model: nn.Module) -> int:
+    """Pack the weight of every dense (unquantized) float32 or bfloat16 linear layer and LM head
+    of a CPU model (``onednn_weight``) whose shape runs faster packed at some of
+    ``CALIBRATION_ROWS`` on this machine, timed with the torch threads the caller runs the model
+    with. A layer packed from its first row drops its dense weight, unless it is a tied head
+    (the embedding reads it); the others keep both and call oneDNN from ``onednn_min_rows``.
+    Returns how many were packed (0 where oneDNN is missing)."""
+    from pagedserve.core.layers.embedding import LMHead
+    from pagedserve.core.layers.linear import Linear
+    from pagedserve.core.layers.quantization import UnquantizedLinearMethod
+
+    if not onednn_available():
+        return 0
+    decided: dict[tuple[int, int, torch.dtype], int | None] = {}
+    count = 0
+    with torch.inference_mode():
+        for module in model.modules():
+            if isinstance(module, Linear) and type(module.quant_method) is UnquantizedLinearMethod:
+                keep_dense = False
+            elif isinstance(module, LMHead) and module.quant_method is None:
+                keep_dense = module.tied
+            else:
+                continue
+            weight = module.weight
+            if weight.device.type != "cpu" or weight.dtype not in PACKED_DTYPES or weight.dim() != 2:
+                continue
+            packed = pack(weight)
+            key = (*weight.shape, weight.dtype)
+            if key not in decided:
+                decided[key] = packed_from_rows(weight, packed)
+            min_rows = decided[key]
+            if min_rows is None:
+                continue
+            module.onednn_weight, module.onednn_min_rows = packed, min_rows
+            if min_rows == 1 and not keep_dense:
+                module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+            count += 1
+    return count
