@@ -56,7 +56,8 @@ def spec_config(method: str, draft: str, **extra: object) -> dict:
         config["prompt_lookup_max"] = 3
     if method == "draft_model":
         # Always k proposals (the random tiny drafts are never confident): the chains are tested.
-        config = {"model": draft, "draft_confidence_threshold": 0.0, **config}
+        # Eager: the compiled draft has tests of its own (compiling costs seconds an engine).
+        config = {"model": draft, "draft_confidence_threshold": 0.0, "enforce_eager": True, **config}
     return config
 
 
@@ -261,3 +262,49 @@ def test_draft_reuses_the_kv_of_its_accepted_proposals(model) -> None:
     assert proposals[True] == proposals[False] and proposals[True]
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     assert prompt_tokens < fed[True] < prompt_tokens + 2 * len(proposals[True]) * len(outputs) < fed[False]
+
+
+def test_the_compiled_draft_gives_plain_decodings_tokens(model) -> None:
+    """By default the draft's decode steps are compiled on the CPU (one graph per padded size it
+    drafts at: 1 and 2 here), and the output is still plain decoding's, alone and in pairs."""
+    model_dir, expected, draft = model
+    config = spec_config("draft_model", draft, enforce_eager=None, disable_by_batch_size=2)
+    llm = LLM(model_dir, dtype="float32", speculative_config=config)
+    decode = llm.engine.runner.proposer._decode
+    assert decode.sizes == [1, 2] and hasattr(decode.forward, "_orig_mod")
+    for prompts, want in ((PROMPTS32[:1], expected["batch32"][:1]), (PROMPTS32[1:3], expected["batch32"][1:3])):
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == want
+        assert sum(o.metrics.get("spec_num_draft_tokens", 0) for o in outputs) > 0
+
+
+def test_a_draft_that_does_not_compile_runs_eagerly_unless_compiling_was_asked_for(
+    tiny_model, draft_dir, monkeypatch, caplog
+) -> None:
+    import pagedserve.plugins.speculative.draft_model as draft_model
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(draft_model, "compile_decode", fail)
+    model_dir = str(tiny_model("LlamaForCausalLM"))
+    config = {"method": "draft_model", "model": draft_dir, "num_speculative_tokens": 2}
+    with caplog.at_level("WARNING"):
+        llm = LLM(model_dir, dtype="float32", speculative_config=config)
+    assert "the draft runs eagerly" in caplog.text
+    assert not hasattr(llm.engine.runner.proposer._decode.forward, "_orig_mod")
+    with pytest.raises(ValueError, match="set speculative_config enforce_eager to true"):
+        LLM(model_dir, dtype="float32", speculative_config={**config, "enforce_eager": False})
+
+
+def test_a_compiled_draft_that_is_the_target_has_its_proposals_accepted(draft_dir) -> None:
+    """The compiled draft's KV writes and paged reads are right: as its own draft the Llama
+    target has nearly every proposal accepted (a draft reading stale KV is rejected often)."""
+    config = spec_config("draft_model", draft_dir, enforce_eager=None, disable_by_batch_size=1)
+    llm = LLM(draft_dir, dtype="float32", speculative_config=config)
+    assert hasattr(llm.engine.runner.proposer._decode.forward, "_orig_mod")
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = [llm.generate(prompt, params, use_tqdm=False)[0] for prompt in BASE[:2]]  # one at a time
+    proposed = sum(o.metrics.get("spec_num_draft_tokens", 0) for o in outputs)
+    accepted = sum(o.metrics.get("spec_num_accepted_tokens", 0) for o in outputs)
+    assert proposed > 0 and accepted >= 0.9 * proposed

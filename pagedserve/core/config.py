@@ -170,7 +170,6 @@ _UNSUPPORTED_SPEC_KEYS = {
     "revision": "give a local folder or a bundled short name as model",
     "code_revision": "remote code is never run",
     "speculative_token_tree": "tree verification is not implemented; proposals are one chain",
-    "enforce_eager": "the draft follows the engine's torch_compile setting",
     "disable_padded_drafter_batch": "the draft batch is never padded",
 }
 #: Methods under vLLM's names that pagedserve's built-ins do not provide (a plugin may).
@@ -203,6 +202,12 @@ class SpeculativeConfig:
     #: token it gave less than this probability, saving the forwards whose proposals would
     #: most likely be rejected; 0 always drafts ``num_speculative_tokens``.
     draft_confidence_threshold: float = 0.4
+    #: draft_model: vLLM's override of the engine's ``enforce_eager`` for the draft. On the CPU
+    #: the draft's one-token decode steps are compiled by default even when the target runs
+    #: eagerly (a step of a small draft is nearly all per-op overhead; docs/speculative.md),
+    #: falling back to eager with a warning where compiling fails. True: always eager; False:
+    #: compiled, and a failure to compile is an error.
+    enforce_eager: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not self.method:
@@ -246,6 +251,13 @@ class SpeculativeConfig:
         threshold = self.draft_confidence_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise ConfigError("speculative_config draft_confidence_threshold must be in [0, 1] (0: always draft k)")
+        if self.enforce_eager is not None and not isinstance(self.enforce_eager, bool):
+            raise ConfigError(f"speculative_config enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if self.enforce_eager is not None and self.method != "draft_model":
+            raise ConfigError(
+                f"speculative_config enforce_eager applies to method 'draft_model' (its draft's steps), "
+                f"not {self.method!r}, which runs no model: drop it"
+            )
         if self.model is not None and self.method != "draft_model":
             raise ConfigError(
                 f"speculative_config model is the draft of method 'draft_model', not {self.method!r}; "
