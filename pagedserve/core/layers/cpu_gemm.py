@@ -72,19 +72,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lay
     return F.linear(x, weight, bias)
 
 
-def _best_time(fn: Callable[[], object], repeats: int = 5, calls: int = 10) -> float:
-    fn()
+def _best_time(fn: Callable[[], object], budget: float = 0.02, repeats: int = 5) -> float:
+    """The best of ``repeats`` timings of ``fn`` a call, over as many calls each (up to 10) as
+    fit in about ``budget`` seconds in all: a large head costs milliseconds a call."""
+    start = time.perf_counter()
+    fn()  # warm-up, and the estimate of one call
+    calls = max(1, min(10, int(budget / repeats / max(time.perf_counter() - start, 1e-7))))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, (time.perf_counter() - start) / calls)
     return best
 
 
 def time_both(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> tuple[float, float]:
-    """The best times of ``F.linear`` and ``packed_linear`` on ``rows`` rows (seconds per 10)."""
+    """The best times a call of ``F.linear`` and ``packed_linear`` on ``rows`` rows."""
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
     return (_best_time(lambda: F.linear(x, weight)), _best_time(lambda: packed_linear(x, packed, None)))
 
