@@ -199,3 +199,17 @@ def test_an_option_inductor_refuses_is_a_config_error(tiny_model, options: dict,
     with pytest.raises(ConfigError, match=f"inductor_compile_config: .*{message}"):
         LLM(str(tiny_model()), dtype="float32", compilation_config={"level": 3, "inductor_compile_config": options},
             cuda_graph_sizes=[1, 2])
+
+
+def test_each_compiled_decode_adds_its_sizes_to_dynamos_recompile_limit() -> None:
+    """Every compiled engine's graphs (a draft's too) hang on one forward code object: two
+    engines of 7 sizes need room for 14 graphs, not the 7 + 1 the larger of them asked for."""
+    from torch import nn
+
+    from pagedserve.core.compiled_decode import compile_decode
+    from pagedserve.plugins.attention.torch_ref.backend import TorchRefBackend
+
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for _ in range(2):
+            compile_decode(nn.Linear(2, 2), 7, TorchRefBackend.__new__(TorchRefBackend))
+        assert torch._dynamo.config.recompile_limit == 8 + 14

@@ -73,10 +73,12 @@ class TracedDecode(nn.Module):
 def compile_decode(model: nn.Module, num_sizes: int, backend: AttentionBackend,
                    options: dict[str, Any] | None = None) -> Forward:
     """The model forward compiled for static shapes: dynamo traces it once per padded size (the
-    recompile limit raised to allow every size) and inductor compiles each trace, with
+    recompile limit raised by ``num_sizes``: every compiled engine's graphs, the draft's among
+    them, hang on the one forward code object, so each adds its own) and inductor compiles each
+    trace, with
     ``options`` (``compilation_config["inductor_compile_config"]``). With a backend that traces
     its decode attention, the forward is ``TracedDecode``'s (five arguments)."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, num_sizes + 1)
+    torch._dynamo.config.recompile_limit += num_sizes
     traced = TracedDecode(model, backend) if type(backend).supports_traced_decode else model
     try:
         return torch.compile(traced, dynamic=False, fullgraph=True, options=options or None)

@@ -199,12 +199,11 @@ class DraftModelProposer(Proposer):
             # The target's compiled CPU decode step, for the draft too.
             sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
                 config.scheduler.max_num_seqs)
-            # Both models' graphs hang on the one forward code object (dynamo's recompile limit).
-            self._decode = self._compiled_decode(sizes, 2 * len(sizes), num_blocks)
+            self._decode = self._compiled_decode(sizes, num_blocks)
             return
         if self._compiles_alone():
             try:
-                self._decode = self._compiled_decode(self._draft_sizes(), len(self._draft_sizes()), num_blocks)
+                self._decode = self._compiled_decode(self._draft_sizes(), num_blocks)
                 return
             except Exception as exc:  # inductor: no C++ compiler, or an op it cannot compile
                 if self.config.speculative.enforce_eager is False:  # type: ignore[union-attr]
@@ -244,10 +243,10 @@ class DraftModelProposer(Proposer):
         max_num_seqs = self.config.scheduler.max_num_seqs
         return default_compile_sizes(min(limit, max_num_seqs) if limit else max_num_seqs)
 
-    def _compiled_decode(self, sizes: list[int], num_graphs: int, num_blocks: int) -> PaddedDecode:
+    def _compiled_decode(self, sizes: list[int], num_blocks: int) -> PaddedDecode:
         """The draft's decode step compiled for ``sizes`` at start-up, on the one thread it runs
         with (the kernels inductor writes keep the thread count they were compiled for)."""
-        forward = compile_decode(self.model, num_graphs, self.backend, self.config.inductor_compile_config)
+        forward = compile_decode(self.model, len(sizes), self.backend, self.config.inductor_compile_config)
         decode = PaddedDecode(self.config, sizes, self.backend, forward, num_blocks, self.device, capture=False,
                               traced=type(self.backend).supports_traced_decode)
         with _one_thread(self.device), torch.inference_mode():
