@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pagedserve.core.layers import cpu_gemm
 from pagedserve.plugins.moe import FusedMoE, cpu_experts, route_top_k
 from pagedserve.plugins.moe.layer import grouped_experts
 from pagedserve.plugins.quant.int8 import Int8Config
@@ -175,6 +176,35 @@ def test_bf16_experts_in_onednn_layout_match_the_grouped_path(num_tokens: int, t
     expected = per_token_reference(x.bfloat16(), w13.bfloat16(), w2.bfloat16(), weights, ids)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), expected, atol=0.03, rtol=0.03)
+
+
+def oneDNN_wins_from(rows_from: int | None):
+    return lambda weight, packed, rows: (1.0, 0.5 if rows_from is not None and rows >= rows_from else 2.0)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (13, 2), (40, 1)])
+def test_float32_experts_packed_where_oneDNN_wins_match_the_grouped_path(monkeypatch, num_tokens: int, top_k: int) -> None:
+    """float32 experts go to oneDNN's layout when the timing at load finds it faster from a
+    decode step's few rows an expert (here: injected timings), with the grouped path's result."""
+    x, w13, w2, _, _ = make_inputs(num_tokens, 6, top_k, 64, 48, seed=num_tokens)
+    logits = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(cpu_gemm, "time_both", oneDNN_wins_from(2))
+    layer = loaded_layer(w13, w2, top_k, torch.float32)
+    assert layer.cpu_weights is not None and not hasattr(layer, "w13_weight")
+    weights, ids = route_top_k(logits, top_k, renormalize=True)
+    out = layer(x, logits)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, grouped_experts(x, w13, w2, weights, ids, F.silu), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("rows_from", [8, None])
+def test_float32_experts_stay_grouped_where_oneDNN_does_not_win_at_few_rows(monkeypatch, rows_from) -> None:
+    _, w13, w2, _, _ = make_inputs(4, 6, 2, 64, 48, seed=0)
+    monkeypatch.setattr(cpu_gemm, "time_both", oneDNN_wins_from(rows_from))
+    layer = loaded_layer(w13, w2, 2, torch.float32)
+    assert layer.cpu_weights is None and layer.w13_weight.shape == w13.shape
 
 
 @pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (13, 2), (33, 3)])

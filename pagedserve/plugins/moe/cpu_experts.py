@@ -3,10 +3,12 @@ that has rows.
 
 Two layouts, chosen after loading (``FusedMoE``'s methods):
 
-- **bfloat16 in oneDNN's layout** (``pack_onednn``): each expert's two matrices reordered once
-  into the blocked layout oneDNN's (AMX) kernels read (``mkldnn._reorder_linear_weight``, what
-  inductor's freezing does to a linear layer's weight). A bf16 matmul on a plain weight re-lays
-  the weight out at every call, which made small bf16 matmuls slower than float32 ones.
+- **bfloat16 or float32 in oneDNN's layout** (``pack_onednn``): each expert's two matrices
+  reordered once into the blocked layout oneDNN's kernels read (``mkldnn._reorder_linear_weight``,
+  what inductor's freezing does to a linear layer's weight). A bf16 matmul on a plain weight
+  re-lays the weight out at every call, which made small bf16 matmuls slower than float32 ones;
+  float32 experts are packed where timing at load says oneDNN wins at a decode step's few rows
+  an expert (``packs``; MKL's few-row sgemm is slow on some CPUs: docs/benchmarks.md).
 - **int8** (``--quantization int8``): each expert's rows ``round(W / s)`` with a scale per
   output channel, a quarter of float32's bytes, multiplied as ``plugins/quant/int8.py``'s
   ``int8_cpu_matmul`` multiplies a linear layer (``int8_cpu_kernel``): an expert with few rows
@@ -25,11 +27,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pagedserve.core.layers import cpu_gemm
 from pagedserve.core.layers.activation import get_act_fn
 from pagedserve.plugins.quant.int8 import int8_cpu_kernel, int8_cpu_matmul, quantize_rows
 
-#: The activation dtype of oneDNN-packed experts (the only packed layout built here).
-ONEDNN_DTYPE = torch.bfloat16
+#: float32 experts are packed when oneDNN is the faster from at most this many rows: a decode
+#: step of 16 sequences routing each token to 2 of 8 experts gives an expert 4 rows.
+FLOAT32_PACKED_FROM_ROWS = 4
 
 
 def onednn_available() -> bool:
@@ -38,8 +42,25 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def packs(w13: Tensor, w2: Tensor) -> bool:
+    """Whether a CPU MoE layer's stacked experts ([E, N, K]) go to oneDNN's layout: bf16 where
+    the CPU has bf16 units; float32 where ``cpu_gemm.packed_from_rows``, timing the first
+    expert's two matrices, finds oneDNN faster from ``FLOAT32_PACKED_FROM_ROWS`` rows or fewer
+    (else float32 keeps the grouped matmuls, bitwise transformers' arithmetic)."""
+    if w13.dtype == torch.bfloat16:
+        return onednn_available()
+    if w13.dtype != torch.float32 or not cpu_gemm.onednn_available():
+        return False
+    with torch.inference_mode():
+        for weight in (w13[0], w2[0]):
+            rows = cpu_gemm.packed_from_rows(weight, cpu_gemm.pack(weight))
+            if rows is None or rows > FLOAT32_PACKED_FROM_ROWS:
+                return False
+    return True
+
+
 def pack_onednn(weights: Tensor) -> list[Tensor]:
-    """``weights`` [E, N, K] bf16 -> one oneDNN-layout [N, K] weight per expert."""
+    """``weights`` [E, N, K] (bf16 or float32) -> one oneDNN-layout [N, K] weight per expert."""
     return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous()) for w in weights]
 
 
@@ -109,12 +130,12 @@ def moe_cpu_experts(
     """Each token's ``top_k`` experts (``ids`` [T, k], routing ``weights`` [T, k] float32),
     ``w2 @ act(gate) * up`` weighted and summed per token -> [T, H] in ``hidden``'s dtype.
 
-    ``w13``/``w2``: one weight per expert, oneDNN-packed bf16 (``scales*`` empty) or int8 with
+    ``w13``/``w2``: one weight per expert, oneDNN-packed bf16 or float32 (``scales*`` empty) or int8 with
     per-output-channel ``scales*`` (whose dtype is the activations'). The (token, expert) pairs
     are sorted by expert once; each projection is a matmul per expert with rows
     (``experts_matmul``), and the activation one op over all the rows."""
     num_tokens, top_k = ids.shape
-    dtype = scales13[0].dtype if scales13 else ONEDNN_DTYPE
+    dtype = scales13[0].dtype if scales13 else w13[0].dtype
     row_experts, order = torch.sort(ids.flatten(), stable=True)
     ends = torch.searchsorted(row_experts, torch.arange(len(w13), device=ids.device), right=True)
     rows = hidden.to(dtype).index_select(0, order // top_k)

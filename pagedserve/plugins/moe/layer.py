@@ -121,11 +121,12 @@ class MoEMethod:
         layer.w2_weight = nn.Parameter(torch.empty(e, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
 
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
-        """On the CPU in bfloat16 with oneDNN's kernels: each expert's weights reordered once into
-        oneDNN's layout (``cpu_experts``), the stacked copies dropped. float32 keeps the grouped
-        matmuls (bitwise transformers' arithmetic), as do CUDA and CPUs without bf16 units."""
+        """On the CPU where oneDNN's kernels pay (``cpu_experts.packs``: bfloat16 with bf16
+        units; float32 where they win at a decode step's few rows an expert, timed): each
+        expert's weights reordered once into oneDNN's layout, the stacked copies dropped. The
+        rest, and CUDA, keep the grouped matmuls."""
         w13 = layer.w13_weight
-        if w13.device.type != "cpu" or w13.dtype != cpu_experts.ONEDNN_DTYPE or not cpu_experts.onednn_available():
+        if w13.device.type != "cpu" or not cpu_experts.packs(w13.data, layer.w2_weight.data):
             return
         layer.cpu_weights = (cpu_experts.pack_onednn(w13.data), cpu_experts.pack_onednn(layer.w2_weight.data), [], [])
         del layer.w13_weight, layer.w2_weight
