@@ -123,9 +123,6 @@ def main() -> int:
     parser.add_argument("--lock", default=None)
     args = parser.parse_args()
     names = args.configs.split(",")
-    # Each -O3 engine's graphs are entries of the one code object TracedDecode.forward:
-    # compile_decode raises dynamo's recompile limit to one engine's sizes, not several engines'.
-    torch._dynamo.config.recompile_limit += 16 * len(names)
     engines, start_seconds = {}, {}
     for name in names:
         start = time.perf_counter()

@@ -103,7 +103,7 @@ def test_layers_oneDNN_never_wins_on_stay_dense(monkeypatch) -> None:
     model = small_model(tied=True)
     monkeypatch.setattr(cpu_gemm, "time_both", faster(None))
     assert cpu_gemm.prepack_dense_linears(model) == 0
-    assert not hasattr(model.proj, "onednn_weight") and model.proj.weight.numel() == 24 * 32 + 8 * 32
+    assert model.proj.onednn_weight is None and model.proj.weight.numel() == 24 * 32 + 8 * 32
 
 
 def test_an_engine_with_every_layer_packed_gives_transformers_greedy_tokens(tiny_model, monkeypatch) -> None:

@@ -104,10 +104,15 @@ class SpecDecodingStats:
             per_pos[position] += 1
 
 
-def speculation_enabled_for(config: EngineConfig, proposer_cls: type[Proposer], num_running: int) -> bool:
-    """Whether to propose at this batch size (``disable_by_batch_size``, 0 meaning never off)."""
+def disable_by_batch_size(config: EngineConfig, proposer_cls: type[Proposer]) -> int:
+    """The most running sequences speculation runs at (``disable_by_batch_size``, else the
+    proposer's measured default; 0: never off)."""
     assert config.speculative is not None
     limit = config.speculative.disable_by_batch_size
-    if limit is None:
-        limit = proposer_cls.default_disable_by_batch_size
+    return proposer_cls.default_disable_by_batch_size if limit is None else limit
+
+
+def speculation_enabled_for(config: EngineConfig, proposer_cls: type[Proposer], num_running: int) -> bool:
+    """Whether to propose at this batch size (``disable_by_batch_size``, 0 meaning never off)."""
+    limit = disable_by_batch_size(config, proposer_cls)
     return limit == 0 or num_running <= limit

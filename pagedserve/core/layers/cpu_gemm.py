@@ -2,16 +2,16 @@
 
 ``F.linear`` on a CPU tensor calls MKL's sgemm in float32, which at the few rows of a decode or
 verification step runs far below the memory bandwidth: on a 2-core AMD EPYC (AVX-512, no AMX),
-a 384 x 4,096 head took 164 µs at 1 row and 331 µs at 5, against 74 and 102 µs for oneDNN's
-inner product on the same weight reordered into its blocked layout, and every row count up to a
-512-token prefill was faster packed, in float32 and bfloat16 alike (docs/benchmarks.md,
-"oneDNN prepacked weights"). The reorder is the one inductor's ``freezing`` applies
+a 384 x 4,096 head took 144 µs at 1 row and 316 µs at 5 (2 threads), against 67 and 94 µs for
+oneDNN's inner product on the same weight reordered into its blocked layout, and it stayed faster
+packed up to a 512-token prefill, in float32 and bfloat16 alike; on small weights MKL wins
+(docs/benchmarks.md, "oneDNN prepacked weights"). The reorder is the one inductor's ``freezing`` applies
 (``mkldnn._reorder_linear_weight``), and the matmul the op it emits
 (``mkldnn._linear_pointwise``): no code of ours computes.
 
 Only eager CPU runs use it: ``torch.compile`` cannot trace an opaque mkldnn tensor, so an engine
-that compiles (``torch_compile``, ``-O3``) keeps the dense weights, and under ``-O3`` inductor's
-own ``freezing`` option packs them. A packed linear layer drops its dense weight (one copy in
+that compiles (``torch_compile``, ``-O3``) keeps the dense weights; under ``-O3`` inductor's
+own ``freezing`` option (``inductor_compile_config``) packs them. A packed linear layer drops its dense weight (one copy in
 memory); a tied LM head keeps it, since the embedding reads it, and holds the packed copy beside.
 """
 
@@ -65,11 +65,16 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through ``layer``'s packed weight when it has one and ``x``
-    has at least its ``onednn_min_rows`` rows."""
-    packed = getattr(layer, "onednn_weight", None)
+    has at least its ``onednn_min_rows`` rows (``no_packed_weight`` set both at creation)."""
+    packed = layer.onednn_weight
     if packed is not None and x.numel() >= layer.onednn_min_rows * x.shape[-1]:
         return packed_linear(x, packed, bias)
     return F.linear(x, weight, bias)
+
+
+def no_packed_weight(layer: nn.Module) -> None:
+    """The layer's dense weight is the one its matmul reads (until ``prepack_dense_linears``)."""
+    layer.onednn_weight, layer.onednn_min_rows = None, 1
 
 
 def _best_time(fn: Callable[[], object], budget: float = 0.02, repeats: int = 5) -> float:

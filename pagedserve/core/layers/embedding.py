@@ -101,6 +101,7 @@ class LMHead(nn.Module):
         self.quant_method: LinearMethod | None = (
             quant_config.get_lm_head_method(self) if quant_config is not None else None
         )
+        cpu_gemm.no_packed_weight(self)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:

@@ -87,6 +87,7 @@ class UnquantizedLinearMethod(LinearMethod):
         )
         set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
         layer.register_parameter("weight", weight)
+        cpu_gemm.no_packed_weight(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return cpu_gemm.linear(x, layer.weight, bias, layer)  # F.linear, or oneDNN on eager CPU engines

@@ -61,11 +61,7 @@ def packs(w13: Tensor, w2: Tensor) -> bool:
 
 def pack_onednn(weights: Tensor) -> list[Tensor]:
     """``weights`` [E, N, K] (bf16 or float32) -> one oneDNN-layout [N, K] weight per expert."""
-    return [torch.ops.mkldnn._reorder_linear_weight(w.contiguous()) for w in weights]
-
-
-def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return [cpu_gemm.pack(w) for w in weights]
 
 
 def experts_matmul(
@@ -92,7 +88,7 @@ def experts_matmul(
     out = x.new_empty(x.shape[0], weights[0].shape[0])
     if not scales:
         for expert, start, end in groups:
-            out[start:end] = _onednn_matmul(x[start:end], weights[expert])
+            out[start:end] = cpu_gemm.packed_linear(x[start:end], weights[expert], None)
         return out
     gemm_rows = sum(
         end - start for e, start, end in groups if int8_cpu_kernel(end - start, weights[e]) == "int8_gemm"

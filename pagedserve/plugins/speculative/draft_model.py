@@ -49,7 +49,7 @@ from pagedserve.core.layers.cpu_gemm import prepack_dense_linears
 from pagedserve.core.loader import get_model_max_len, load_hf_config, load_model, resolve_model_path
 from pagedserve.core.request import Request
 from pagedserve.core.sampling import request_generator
-from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer
+from pagedserve.core.speculative import DraftTokens, ProposalBatch, Proposer, disable_by_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -235,17 +235,13 @@ class DraftModelProposer(Proposer):
     def _draft_sizes(self) -> list[int]:
         """The padded sizes of the draft's decode steps: the powers of two up to the most
         running sequences it drafts for (``disable_by_batch_size``; 1 by default)."""
-        spec = self.config.speculative
-        assert spec is not None
-        limit = spec.disable_by_batch_size
-        if limit is None:
-            limit = self.default_disable_by_batch_size
+        limit = disable_by_batch_size(self.config, type(self))
         max_num_seqs = self.config.scheduler.max_num_seqs
         return default_compile_sizes(min(limit, max_num_seqs) if limit else max_num_seqs)
 
     def _compiled_decode(self, sizes: list[int], num_blocks: int) -> PaddedDecode:
         """The draft's decode step compiled for ``sizes`` at start-up, on the one thread it runs
-        with (the kernels inductor writes keep the thread count they were compiled for)."""
+        with (inductor's generated kernels and its cache depend on the thread count)."""
         forward = compile_decode(self.model, len(sizes), self.backend, self.config.inductor_compile_config)
         decode = PaddedDecode(self.config, sizes, self.backend, forward, num_blocks, self.device, capture=False,
                               traced=type(self.backend).supports_traced_decode)
