@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from pagedserve.bench.roofline import StepWork, bound_seconds, flops_per_token
 from pagedserve.bench.serve import run_load
 from pagedserve.bench.throughput import run_throughput
 from pagedserve.bench.workload import length_pairs, make_workload
@@ -75,6 +76,47 @@ def test_throughput_counts_tokens_and_kv_waste(tiny_model) -> None:
     )
     assert results["roofline_seconds"] == pytest.approx(expected)
     assert results["fraction_of_roofline"] == pytest.approx(expected / results["elapsed_s"])
+    # The arithmetic side: every decoder linear weight twice per token (the LM head per sampled
+    # token, not counted here), and a step at least as long as either side alone.
+    decoder = sum(p.numel() for name, p in hf.named_parameters() if ".layers." in name and name.endswith("proj.weight"))
+    assert results["flops_per_token_layers"] == 2 * decoder
+    assert results["matmul_peak_gflop_per_s"] > 0
+    assert results["bound_seconds"] >= max(results["roofline_seconds"], results["arithmetic_seconds"]) * (1 - 1e-9)
+    assert results["bound_seconds"] <= results["roofline_seconds"] + results["arithmetic_seconds"]
+    assert results["fraction_of_bound"] == pytest.approx(results["bound_seconds"] / results["elapsed_s"])
+
+
+def test_bound_takes_each_steps_larger_side() -> None:
+    """A decode step of one token is bound by its bytes, a prefill by its FLOPs: the bound is the
+    sum of each step's larger side (attention one query per context token)."""
+    steps = [StepWork(tokens=1, sampled=1, kv_tokens=10), StepWork(tokens=1000, sampled=2, kv_tokens=1000)]
+    flops = (100, 10, 4)  # per token, per sampled token, per context token
+    weight_bytes, per_token, bandwidth, peak = 1000, 2, 1000.0, 10_000.0
+    arithmetic, total = bound_seconds(steps, weight_bytes, per_token, bandwidth, flops, peak)
+    decode_flops, prefill_flops = 100 + 10 + 40, 100_000 + 20 + 4000
+    assert arithmetic == pytest.approx((decode_flops + prefill_flops) / peak)
+    # decode: memory (1,020 bytes: 1.02 s) over arithmetic (0.015 s); prefill: arithmetic
+    # (10.402 s) over memory (3 s).
+    assert total == pytest.approx(1020 / bandwidth + prefill_flops / peak)
+
+
+def test_moe_tokens_cost_their_top_k_experts(tiny_model) -> None:
+    folder = tiny_model("MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+    engine = LLMEngine(engine_config_from_args(str(folder), dtype="float32", max_model_len=64))
+    config = json.loads((folder / "config.json").read_text())
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    attention = hidden * head_dim * (2 * config["num_attention_heads"] + 2 * config["num_key_value_heads"])
+    per_layer = attention + hidden * 4 + 2 * 3 * inter * hidden  # projections, router, 2 of 4 experts
+    layer_flops, head_flops, attention_flops = flops_per_token(engine.runner.model)
+    assert layer_flops == 2 * layers * per_layer
+    assert head_flops == 2 * config["vocab_size"] * hidden
+    assert attention_flops == 4 * layers * config["num_attention_heads"] * head_dim
+
+
+def test_quantized_weights_have_no_arithmetic_bound(tiny_model) -> None:
+    engine = LLMEngine(engine_config_from_args(str(tiny_model()), dtype="float32", max_model_len=64, quantization="int8"))
+    assert flops_per_token(engine.runner.model) is None
 
 
 @pytest.mark.slow

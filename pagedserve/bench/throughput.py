@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedserve.bench.roofline import roofline
+from pagedserve.bench.roofline import StepWork, roofline
 from pagedserve.bench.workload import BenchRequest
 from pagedserve.core.engine import LLMEngine
 from pagedserve.core.hookspecs import hookimpl
@@ -25,6 +25,7 @@ class StepRecorder:
 
     engine: LLMEngine
     steps: list[StepStats] = field(default_factory=list)
+    work: list[StepWork] = field(default_factory=list)
     slots_allocated: int = 0
     slots_filled: int = 0
     slots_contiguous: int = 0
@@ -35,7 +36,9 @@ class StepRecorder:
         running = self.engine.scheduler.running
         blocks = {block for request in running for block in request.block_ids}
         self.slots_allocated += len(blocks) * self.engine.config.cache.block_size
-        self.slots_filled += sum(request.num_computed_tokens for request in running)
+        filled = sum(request.num_computed_tokens for request in running)
+        self.slots_filled += filled
+        self.work.append(StepWork(stats.num_scheduled_tokens, stats.num_generation_tokens, filled))
         self.slots_contiguous += len(running) * self.engine.max_model_len
 
 
@@ -113,8 +116,10 @@ def summarize(
     if isinstance(engine.runner, ModelRunner):
         # Each step attends over the whole context of each running request: what they hold after
         # it (requests that finished in the step not counted, so the bound errs fast).
-        bound = roofline(engine.runner, len(steps), recorder.slots_filled, output_tokens)
+        bound = roofline(engine.runner, recorder.work, output_tokens)
         results.update(bound, fraction_of_roofline=bound["roofline_seconds"] / elapsed)
+        if "bound_seconds" in bound:
+            results["fraction_of_bound"] = bound["bound_seconds"] / elapsed
     return results
 
 

@@ -91,6 +91,7 @@ class LMHead(nn.Module):
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
         self.soft_cap = soft_cap
         self.tied = tied_to is not None
         self.shard = VocabShard(vocab_size)

@@ -166,6 +166,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"{prefix}: top_k={top_k} must be between 1 and num_experts={num_experts}")
         self.num_experts = num_experts
         self.top_k = top_k
+        self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.renormalize = renormalize
         self.prefix = prefix
