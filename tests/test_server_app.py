@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from pagedserve import SamplingParams, hookimpl
 from pagedserve.core.async_engine import AsyncLLMEngine, EngineDeadError
 from pagedserve.core.config import engine_config_from_args
 from pagedserve.core.metrics import EngineMetrics
-from pagedserve.core.plugins import PluginManager
+from pagedserve.core.plugins import PluginManager, get_plugin_manager
 from pagedserve.server.app import create_app
 
 pytestmark = pytest.mark.slow
@@ -112,3 +113,55 @@ def test_plugin_routes_are_served_behind_the_api_key(tiny_model) -> None:
         assert client.get("/v1/extra", headers={"Authorization": "Bearer k"}).json() == {"extra": True}
     assert not engine.is_running
     assert not plugins.pm.is_registered(metrics)
+
+
+class ThreadRecorder:
+    """Records the thread each engine hook runs on."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, str] = {}
+
+    @hookimpl
+    def engine_started(self, engine) -> None:
+        self.threads["engine_started"] = threading.current_thread().name
+
+    @hookimpl
+    def step_finished(self, stats) -> None:
+        self.threads["step_finished"] = threading.current_thread().name
+
+
+def test_the_engine_is_built_and_stepped_on_its_own_thread(tiny_model) -> None:
+    """All of the process's torch work on one thread (a second OpenMP team would share the
+    cores with the first): the model is built where it is stepped, and start-up calls run there."""
+    recorder = ThreadRecorder()
+    config = engine_config_from_args(str(tiny_model()), dtype="float32", max_model_len=64)
+    engine = AsyncLLMEngine(config, observers=[recorder])
+    try:
+        assert recorder.threads["engine_started"] == "pagedserve-engine"
+        assert not engine.is_running  # built, not stepping until start
+        assert engine.call_before_start(lambda llm: threading.current_thread().name) == "pagedserve-engine"
+        with pytest.raises(ZeroDivisionError):
+            engine.call_before_start(lambda llm: 1 / 0)
+        engine.start()
+
+        async def run() -> None:
+            stream = await engine.add_requests(["a"], ["def f():"], SamplingParams(max_tokens=2))
+            async for _ in stream:
+                pass
+
+        asyncio.run(run())
+        assert recorder.threads["step_finished"] == "pagedserve-engine"
+        with pytest.raises(RuntimeError, match="after start"):
+            engine.call_before_start(lambda llm: None)
+    finally:
+        engine.shutdown()
+
+
+def test_a_failed_build_raises_in_the_caller_and_unregisters_observers(tiny_model) -> None:
+    recorder = ThreadRecorder()
+    config = engine_config_from_args(str(tiny_model()), dtype="float32", max_model_len=64)
+    config.model.model = str(tiny_model().parent / "no-such-model")
+    with pytest.raises(Exception) as raised:
+        AsyncLLMEngine(config, observers=[recorder])
+    assert "no-such-model" in str(raised.value)
+    assert not get_plugin_manager().pm.is_registered(recorder)

@@ -230,9 +230,9 @@ def run_server(
         sock.close()
         raise
     if adapters is not None:
-        for lora in adapters.adapters.values():  # before the engine thread runs: checked at start-up
+        for lora in adapters.adapters.values():  # on the engine thread before it steps: checked at start-up
             try:
-                engine.engine.lora_manager.add_adapter(lora)
+                engine.call_before_start(lambda llm, lora=lora: llm.lora_manager.add_adapter(lora))
             except BaseException:
                 engine.shutdown()
                 raise
