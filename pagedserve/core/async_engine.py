@@ -155,7 +155,8 @@ class AsyncLLMEngine:
         try:
             self.engine = built.result()
         except BaseException:
-            self._thread.join()
+            if built.done():  # the build failed (an interrupt while it runs leaves the daemon thread)
+                self._thread.join()
             self._unregister_observers()
             raise
 
