@@ -24,6 +24,7 @@ from pagedserve.core.layers.embedding import LMHead
 from pagedserve.core.layers.linear import Linear
 from pagedserve.core.layers.quantization import UnquantizedLinearMethod
 from pagedserve.plugins.moe import FusedMoE
+from pagedserve.plugins.moe.layer import MoEMethod
 
 if TYPE_CHECKING:
     from pagedserve.core.model_runner import ModelRunner
@@ -115,7 +116,7 @@ def flops_per_token(model: torch.nn.Module) -> tuple[int, int, int] | None:
                 return None
             layers += 2 * module.input_size * module.output_size
         elif isinstance(module, FusedMoE):
-            if module.cpu_weights is not None and module.cpu_weights[2]:  # int8 experts
+            if type(module.quant_method) is not MoEMethod:
                 return None
             layers += 2 * module.top_k * 3 * module.intermediate_size * module.hidden_size
         elif isinstance(module, LMHead):

@@ -27,7 +27,6 @@ class StepRecorder:
     steps: list[StepStats] = field(default_factory=list)
     work: list[StepWork] = field(default_factory=list)
     slots_allocated: int = 0
-    slots_filled: int = 0
     slots_contiguous: int = 0
 
     @hookimpl
@@ -36,8 +35,7 @@ class StepRecorder:
         running = self.engine.scheduler.running
         blocks = {block for request in running for block in request.block_ids}
         self.slots_allocated += len(blocks) * self.engine.config.cache.block_size
-        filled = sum(request.num_computed_tokens for request in running)
-        self.slots_filled += filled
+        filled = sum(request.num_computed_tokens for request in running)  # the keys attended
         self.work.append(StepWork(stats.num_scheduled_tokens, stats.num_generation_tokens, filled))
         self.slots_contiguous += len(running) * self.engine.max_model_len
 
@@ -81,6 +79,7 @@ def summarize(
     output_tokens: int,
 ) -> dict[str, Any]:
     steps = recorder.steps
+    slots_filled = sum(step.kv_tokens for step in recorder.work)
     prompt_tokens = sum(len(r.prompt_token_ids) for r in workload)
     overheads = [(s.step_seconds - s.forward_seconds) / s.forward_seconds for s in steps if s.forward_seconds > 0]
     block_size = engine.config.cache.block_size
@@ -96,8 +95,8 @@ def summarize(
         "num_steps": len(steps),
         "mean_batch_size": statistics.mean(s.num_scheduled_seqs for s in steps),
         "mean_kv_cache_usage": statistics.mean(s.kv_cache_usage for s in steps),
-        "kv_waste_paged": 1 - recorder.slots_filled / recorder.slots_allocated,
-        "kv_waste_contiguous": 1 - recorder.slots_filled / recorder.slots_contiguous,
+        "kv_waste_paged": 1 - slots_filled / recorder.slots_allocated,
+        "kv_waste_contiguous": 1 - slots_filled / recorder.slots_contiguous,
         "kv_capacity_tokens": capacity,
         "max_concurrency_paged": int(capacity // mean_request_slots),
         "max_concurrency_contiguous": capacity // engine.max_model_len,
