@@ -2,7 +2,10 @@
 prepacked weights"): microseconds a call on the bundled model's and its draft's linear shapes at
 1, 5 and 64 rows, then the bundled model end to end in one process, an engine with its layers
 packed (``core/layers/cpu_gemm.py``) and one without taking turns: batch 1 over the 30 held-out
-stdlib prompts x 128 tokens, and 64 requests of 32-256 prompt and 16-256 output tokens.
+stdlib prompts x 128 tokens, and 64 requests of 32-256 prompt and 16-256 output tokens. Between
+the two, ``cold_pass``: the bundled model's 17 weights multiplied in a decode step's order, as a
+step reads them (each from memory once the others have passed through the cache), over four
+copies in turn and over one copy (which may stay in the L3 cache).
 
     OMP_NUM_THREADS=2 python benchmarks/cpu_gemm.py
 """
@@ -50,6 +53,43 @@ def matmuls() -> None:
             print(f"{k:5d} x {n:5d}: " + "   ".join(cells))
 
 
+#: (out, in) of tiny-py's weights in a decode step's order: 4 layers of qkv, o, gate_up, down; the head.
+STEP_WEIGHTS = [(640, 384), (384, 384), (2048, 384), (384, 1024)] * 4 + [(4096, 384)]
+
+
+def cold_pass(copies: int, passes: int = 40) -> None:
+    """ms for one pass over ``STEP_WEIGHTS`` at 1-16 rows, the passes taking ``copies`` copies
+    of the weights in turn: MKL's ``F.linear`` against oneDNN on weights packed for 1, 4, 16 and
+    64 rows (``_reorder_linear_weight``'s hint)."""
+    weights = [[torch.randn(n, k) for n, k in STEP_WEIGHTS] for _ in range(copies)]
+    megabytes = sum(w.numel() * 4 for w in weights[0]) / 1e6
+    print(f"one pass over {megabytes:.1f} MB of weights, {copies} copies in turn: ms (GB/s)")
+    hints = (1, 4, 16, 64)
+    packed = {hint: [[torch.ops.mkldnn._reorder_linear_weight(w, hint) for w in copy] for copy in weights]
+              for hint in hints}
+    with torch.inference_mode():
+        for rows in (1, 2, 4, 8, 16):
+            inputs = {k: torch.randn(rows, k) for _, k in STEP_WEIGHTS}
+            dense = [[lambda w=w: F.linear(inputs[w.shape[1]], w) for w in copy] for copy in weights]
+            cells = [("MKL", dense)] + [
+                (f"packed {hint}", [[lambda w=w, p=p: cpu_gemm.packed_linear(inputs[w.shape[1]], p, None)
+                                     for w, p in zip(copy, packs)] for copy, packs in zip(weights, packed[hint])])
+                for hint in hints]
+            line = []
+            for name, calls in cells:
+                ms = min(_timed_passes(calls, passes) for _ in range(5)) * 1e3
+                line.append(f"{name} {ms:.2f} ({megabytes / ms:.0f})")
+            print(f"{rows:2d} rows: " + ", ".join(line))
+
+
+def _timed_passes(calls: list[list[Callable[[], object]]], passes: int) -> float:
+    start = time.perf_counter()
+    for i in range(passes):
+        for call in calls[i % len(calls)]:
+            call()
+    return (time.perf_counter() - start) / passes
+
+
 def engines() -> None:
     available = cpu_gemm.onednn_available
     cpu_gemm.onednn_available = lambda: False  # the engine as it was: every layer on F.linear
@@ -87,4 +127,6 @@ def report(what: str, tokens_per_s: dict[str, float]) -> None:
 
 if __name__ == "__main__":
     matmuls()
+    cold_pass(copies=4)
+    cold_pass(copies=1)
     engines()
