@@ -133,3 +133,21 @@ def test_compiling_engines_keep_dense_weights(tiny_model) -> None:
     assert not cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model()), compilation_config=3), device)
     assert not cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model()), torch_compile=True), device)
     assert not cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model())), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("rows, expected", [(1, 1), (64, 64), (65, 72), (723, 768), (768, 768), (2032, 2048)])
+def test_rows_above_exact_rows_run_at_one_of_8_sizes_an_octave(rows: int, expected: int) -> None:
+    assert cpu_gemm.bucketed_rows(rows) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(65, 80), (3, 241, 80)])
+def test_padded_rows_give_f_linear_on_the_real_rows(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(len(shape))
+    weight = torch.randn(96, 80, generator=generator).to(dtype)
+    bias = torch.randn(96, generator=generator).to(dtype)
+    x = torch.randn(*shape, generator=generator).to(dtype)
+    tolerance = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 2e-2}
+    got = cpu_gemm.packed_linear(x, cpu_gemm.pack(weight), bias)
+    assert got.shape == (*shape[:-1], 96)
+    torch.testing.assert_close(got, F.linear(x, weight, bias), **tolerance)

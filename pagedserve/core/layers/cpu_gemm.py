@@ -35,6 +35,10 @@ EXPECTED_ROWS = 64
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
+#: Row counts up to this run unpadded (``bucketed_rows``): a decode step's counts, at most one
+#: per batch size, which recur step after step.
+EXACT_ROWS = 64
+
 #: The row counts each weight shape is timed at (the decode and verification sizes where the
 #: two libraries differ most; from 16 rows on oneDNN was faster for every shape measured).
 CALIBRATION_ROWS = (1, 2, 4, 8, 16)
@@ -58,9 +62,27 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), EXPECTED_ROWS)
 
 
+def bucketed_rows(rows: int) -> int:
+    """The row count a packed matmul of ``rows`` rows runs at: ``rows`` itself up to
+    ``EXACT_ROWS``, above it rounded up to one of 8 sizes an octave (at most 1/8 more rows)."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` on ``pack(weight)``."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    """``F.linear(x, weight, bias)`` on ``pack(weight)``, its rows zero-padded to
+    ``bucketed_rows``: oneDNN builds (JIT-compiles) a kernel for every new row count it sees, 8 ms
+    for a bfloat16 one of 723 rows against 0.5 ms to run it (docs/benchmarks.md), and a prefill's
+    rows (a chunk's tokens, an expert's share of them) are a new count nearly every step."""
+    rows = x.numel() // x.shape[-1]
+    padded = bucketed_rows(rows)
+    if padded == rows:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    flat = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, padded - rows))
+    out = torch.ops.mkldnn._linear_pointwise(flat, packed, bias, "none", [], "")[:rows]
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: nn.Module) -> torch.Tensor:
