@@ -125,14 +125,16 @@ def test_an_engine_with_every_layer_packed_gives_transformers_greedy_tokens(tiny
             assert entry[token].logprob == pytest.approx(float(logits[0].log_softmax(-1)[token]), abs=1e-4)
 
 
-def test_compiling_engines_keep_dense_weights(tiny_model) -> None:
+def test_engines_that_pack_dense_weights(tiny_model) -> None:
     from pagedserve.core.config import engine_config_from_args
 
     device = torch.device("cpu")
-    assert cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model())), device)
-    assert not cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model()), compilation_config=3), device)
-    assert not cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model()), torch_compile=True), device)
-    assert not cpu_gemm.eager_on_cpu(engine_config_from_args(str(tiny_model())), torch.device("cuda"))
+    assert cpu_gemm.packs_dense_weights(engine_config_from_args(str(tiny_model())), device)
+    assert cpu_gemm.packs_dense_weights(engine_config_from_args(str(tiny_model()), compilation_config=3), device)
+    freezing = {"level": 3, "inductor_compile_config": {"freezing": True}}
+    assert not cpu_gemm.packs_dense_weights(engine_config_from_args(str(tiny_model()), compilation_config=freezing), device)
+    assert not cpu_gemm.packs_dense_weights(engine_config_from_args(str(tiny_model()), torch_compile=True), device)
+    assert not cpu_gemm.packs_dense_weights(engine_config_from_args(str(tiny_model())), torch.device("cuda"))
 
 
 @pytest.mark.parametrize("rows, expected", [(1, 1), (64, 64), (65, 72), (723, 768), (768, 768), (2032, 2048)])

@@ -136,17 +136,27 @@ def test_a_capture_failure_says_to_start_eagerly(tiny_model, monkeypatch) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "inductor"), [("llama-gqa", {}), ("mistral-window", {}),
-                                                ("llama-gqa", {"freezing": True})])
-def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model, name: str, inductor: dict) -> None:
+@pytest.mark.parametrize(("name", "inductor", "packed"), [("llama-gqa", {}, False), ("mistral-window", {}, False),
+                                                          ("llama-gqa", {"freezing": True}, False),
+                                                          ("llama-gqa", {}, True)])
+def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model, monkeypatch, name: str, inductor: dict,
+                                                       packed: bool) -> None:
     """compilation_config level 3 on the CPU: the padded decode steps run the inductor graph of
     their size (one size here, compiles are slow), attention traced into it, with transformers'
     greedy tokens in fp32 (a sliding window shorter than the prompts too); the fifth request's
     prefill runs eagerly between them. Contexts grow over several blocks of 4 and the graph
     compiled at start-up serves them all (the block-table axis is symbolic). With inductor's
     ``freezing`` (weights folded in as constants, prepacked for oneDNN) the KV caches, which are
-    not parameters, must still be written and read at run time."""
+    not parameters, must still be written and read at run time. ``packed``: every dense weight
+    packed for oneDNN (whatever the load-time timing says), so the graph calls the opaque
+    ``pagedserve::packed_linear`` op."""
     from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    from pagedserve.core.layers import cpu_gemm
+
+    if packed:
+        monkeypatch.setattr(cpu_gemm, "packed_from_rows", lambda weight, packed, timer=None: 1)
 
     architecture, overrides = CONFIGS[name]
     model_dir = tiny_model(architecture, **overrides)
@@ -158,7 +168,10 @@ def test_compiled_cpu_decode_gives_transformers_tokens(tiny_model, name: str, in
     assert padded.sizes == [4] and padded.forward is not llm.engine.runner.model and padded.traced
     sizes = _count_padded_steps(llm)
     graphs = counters["stats"]["unique_graphs"]
-    assert greedy(llm, PROMPTS) == expected
+    with profile() as prof:
+        assert greedy(llm, PROMPTS) == expected
+    calls = {event.key for event in prof.key_averages()}
+    assert ("pagedserve::packed_linear" in calls) == packed
     assert set(sizes) == {4} and len(sizes) >= MAX_TOKENS // 2
     assert counters["stats"]["unique_graphs"] == graphs
 

@@ -18,7 +18,7 @@ from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes, cuda_graph_reason
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention, AttentionBackend
-from pagedserve.core.layers.cpu_gemm import eager_on_cpu, prepack_dense_linears
+from pagedserve.core.layers.cpu_gemm import packs_dense_weights, prepack_dense_linears
 from pagedserve.core.loader import load_model
 from pagedserve.core.plugins import PluginManager, Registry
 from pagedserve.core.pooling import pool_chunk
@@ -94,7 +94,7 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
         self.block_size = config.cache.block_size
         with phase("weights"):
             self.model = load_model(config.model, config.quantization, self.device.type)
-            if eager_on_cpu(config, self.device):
+            if packs_dense_weights(config, self.device):
                 prepack_dense_linears(self.model)
         hf_config = config.model.hf_config
         self.vocab_size = int(hf_config.vocab_size)

@@ -90,7 +90,7 @@ class UnquantizedLinearMethod(LinearMethod):
         cpu_gemm.no_packed_weight(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return cpu_gemm.linear(x, layer.weight, bias, layer)  # F.linear, or oneDNN on eager CPU engines
+        return cpu_gemm.linear(x, layer.weight, bias, layer)  # F.linear, or oneDNN on packed CPU weights
 
 
 class QuantizationConfig(ABC):
