@@ -18,6 +18,7 @@ from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes, cuda_graph_reason
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention, AttentionBackend
+from pagedserve.core.host_malloc import keep_freed_memory
 from pagedserve.core.layers.cpu_gemm import packs_dense_weights, prepack_dense_linears
 from pagedserve.core.loader import load_model
 from pagedserve.core.plugins import PluginManager, Registry
@@ -91,6 +92,8 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
                 f"compilation_config level 3 compiles the CPU decode step; on {self.device.type!r} "
                 "decode steps are CUDA graphs already: drop compilation_config"
             )
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.block_size = config.cache.block_size
         with phase("weights"):
             self.model = load_model(config.model, config.quantization, self.device.type)
