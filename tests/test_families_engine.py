@@ -15,6 +15,8 @@ from test_families_vs_hf import GEMMA2, QWEN3_MOE
 from transformers import AutoModelForCausalLM
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.core.layers import cpu_gemm
+from pagedserve.plugins.moe import FusedMoE, cpu_experts
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +59,11 @@ def test_family_greedy_and_logprobs_match_transformers_under_pressure(tiny_model
     assert outputs[-1].num_cached_tokens >= 16
     assert llm.engine.kv_cache.num_used_blocks == 0
 
+    assert_transformers_greedy(model_dir, outputs)
+
+
+def assert_transformers_greedy(model_dir, outputs) -> None:
+    """Every output's tokens transformers' argmax at their positions, logprobs within 1e-4."""
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for out in outputs:
         completion = out.outputs[0]
@@ -70,3 +77,24 @@ def test_family_greedy_and_logprobs_match_transformers_under_pressure(tiny_model
         reference = torch.log_softmax(rows, dim=-1)
         for i, token in enumerate(completion.token_ids):
             assert completion.logprobs[i][token].logprob == pytest.approx(reference[i, token].item(), abs=1e-4)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mixtral_with_dense_cpu_experts_matches_transformers(tiny_model, monkeypatch, compiled: bool) -> None:
+    """Every weight packed for oneDNN and the experts' dense path (``cpu_experts.DenseExperts``)
+    taken for steps of 1-4 tokens (injected timings), eagerly and in the ``-O3`` graph of 4
+    sequences: transformers' greedy tokens and logprobs in float32."""
+    monkeypatch.setattr(cpu_gemm, "time_both", lambda weight, packed, rows: (1.0, 0.5))
+    real = cpu_experts.dense_experts_for
+    monkeypatch.setattr(cpu_experts, "dense_experts_for",
+                        lambda *args: real(*args, timer=lambda tokens, routed, dense: (1.0, 0.5 if tokens <= 4 else 2.0)))
+    architecture, overrides = FAMILIES["mixtral-top2"]
+    model_dir = tiny_model(architecture, **overrides)
+    compile_args = {"compilation_config": 3, "cuda_graph_sizes": [4]} if compiled else {}
+    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=4, block_size=4, **compile_args)
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
+    assert layers and all(layer.cpu_dense is not None and layer.cpu_dense.tokens == (1, 4) for layer in layers)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
+    outputs = llm.generate([PROMPTS[1], PROMPTS[3][:60], PROMPTS[0]], params, use_tqdm=False)
+    assert_transformers_greedy(model_dir, outputs)

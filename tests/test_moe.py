@@ -241,6 +241,7 @@ def test_cpu_experts_compile_as_one_graph(layout: str) -> None:
     dtype, quant = (torch.float32, Int8Config()) if layout == "int8" else (torch.bfloat16, None)
     layer = loaded_layer(w13.to(dtype), w2.to(dtype), 2, dtype, quant)
     assert layer.cpu_weights is not None
+    layer.cpu_dense = None  # the routed path, whatever the timing chose (below: the dense one)
     x, logits = x.to(dtype), logits.to(dtype)
     graphs: list[torch.fx.GraphModule] = []
 
@@ -252,3 +253,86 @@ def test_cpu_experts_compile_as_one_graph(layout: str) -> None:
     torch.testing.assert_close(compiled(x, logits), layer(x, logits), rtol=0, atol=0)
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert sum("moe_cpu_experts_matmul" in target for target in targets) == 2, targets
+
+
+def dense_wins_at(*tokens: int):
+    """A ``dense_experts_for`` timer under which the dense path wins at these step sizes."""
+    return lambda step_tokens, routed, dense: (1.0, 0.5 if step_tokens in tokens else 2.0)
+
+
+def packed_layer(w13: torch.Tensor, w2: torch.Tensor, top_k: int, dtype: torch.dtype, monkeypatch,
+                 wins: tuple[int, ...]) -> FusedMoE:
+    """A loaded CPU layer in oneDNN's layout whose dense path won at ``wins`` (injected timings)."""
+    monkeypatch.setattr(cpu_gemm, "time_both", oneDNN_wins_from(1))  # float32 experts packed too
+    real = cpu_experts.dense_experts_for
+    monkeypatch.setattr(cpu_experts, "dense_experts_for",
+                        lambda *args: real(*args, timer=dense_wins_at(*wins)))
+    return loaded_layer(w13.to(dtype), w2.to(dtype), top_k, dtype)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bf16)])
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (3, 2), (16, 1), (32, 3)])
+def test_dense_experts_give_the_routed_result(monkeypatch, dtype: torch.dtype, num_tokens: int, top_k: int) -> None:
+    """All experts as one matmul a projection, the unchosen weighted by zero: each token's
+    weighted sum over its own experts, as the per-token reference computes it."""
+    x, w13, w2, _, _ = make_inputs(num_tokens, 6, top_k, 64, 48, seed=num_tokens)
+    logits = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(4))
+    layer = packed_layer(w13, w2, top_k, dtype, monkeypatch, wins=(1, 2, 4, 8, 16, 32))
+    assert layer.cpu_dense is not None and layer.cpu_dense.tokens == (1, 32)
+    weights, ids = route_top_k(logits, top_k, renormalize=True)
+    expected = per_token_reference(x.to(dtype), w13.to(dtype), w2.to(dtype), weights, ids)
+    out = layer(x.to(dtype), logits)
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 0.03
+    torch.testing.assert_close(out.double(), expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+@pytest.mark.parametrize(("wins", "tokens"), [((2, 4, 8, 32), (2, 8)), ((1,), (1, 1)), ((), None), ((16, 32), (16, 32))])
+def test_dense_experts_cover_the_longest_run_of_step_sizes_they_won(monkeypatch, wins, tokens) -> None:
+    _, w13, w2, _, _ = make_inputs(4, 6, 2, 64, 48, seed=0)
+    layer = packed_layer(w13, w2, 2, torch.float32, monkeypatch, wins=wins)
+    assert (layer.cpu_dense.tokens if layer.cpu_dense else None) == tokens
+    if tokens is not None:
+        first, last = tokens
+        assert layer.cpu_dense.covers(first) and layer.cpu_dense.covers(last)
+        assert not layer.cpu_dense.covers(first - 1) and not layer.cpu_dense.covers(last + 1)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+def test_large_experts_get_no_dense_copy(monkeypatch) -> None:
+    """Above ``DENSE_MAX_BYTES`` a layer's experts are not copied (nor timed), whatever a timing
+    would say."""
+    _, w13, w2, _, _ = make_inputs(4, 6, 2, 64, 48, seed=0)
+    monkeypatch.setattr(cpu_experts, "DENSE_MAX_BYTES", (w13.numel() + w2.numel()) * 4 - 1)
+    layer = packed_layer(w13, w2, 2, torch.float32, monkeypatch, wins=(1, 2, 4, 8, 16, 32))
+    assert layer.cpu_weights is not None and layer.cpu_dense is None
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+def test_dense_experts_compile_to_the_packed_matmul_op(monkeypatch) -> None:
+    """Under torch.compile the dense path is two ``pagedserve::packed_linear`` ops with the
+    routing, activation and scaling traced around them, and the eager result."""
+    x, w13, w2, _, _ = make_inputs(4, 6, 2, 64, 48, seed=3)
+    logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    layer = packed_layer(w13, w2, 2, torch.float32, monkeypatch, wins=(2, 4, 8))
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
+        graphs.append(graph)
+        return graph
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x, logits), layer(x, logits), rtol=0, atol=0)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("packed_linear" in target for target in targets) == 2, targets
+    assert not any("moe_cpu_experts_matmul" in target for target in targets), targets
+
+
+def test_the_dense_timing_flushes_the_caches_and_times_both_paths() -> None:
+    calls: list[str] = []
+    routed, dense = cpu_experts.time_routed_and_dense(4, lambda: calls.append("routed"), lambda: calls.append("dense"),
+                                                      repeats=2)
+    assert calls == ["routed", "dense"] * 2 and 0 < routed < 1 and 0 < dense < 1
+    assert cpu_experts.last_level_cache_bytes() > 0

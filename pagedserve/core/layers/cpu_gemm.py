@@ -96,10 +96,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lay
     has at least its ``onednn_min_rows`` rows (``no_packed_weight`` set both at creation)."""
     packed = layer.onednn_weight
     if packed is not None and x.numel() >= layer.onednn_min_rows * x.shape[-1]:
-        if torch.compiler.is_compiling():
-            return _packed_linear_op(x, packed, bias)
-        return packed_linear(x, packed, bias)
+        return packed_matmul(x, packed, bias)
     return F.linear(x, weight, bias)
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``packed_linear``, as the opaque op ``pagedserve::packed_linear`` under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return _packed_linear_op(x, packed, bias)
+    return packed_linear(x, packed, bias)
 
 
 _packed_linear_op = torch.library.custom_op("pagedserve::packed_linear", packed_linear, mutates_args=())

@@ -24,6 +24,11 @@ of the layer (sort, gather, activation, weighted sum) compiled with the graph ar
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -139,3 +144,147 @@ def moe_cpu_experts(
     out = experts_matmul(get_act_fn(activation)(gate) * up, ends, row_experts, w2, scales2)
     unsorted = torch.empty_like(out).index_copy_(0, order, out)
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
+
+
+
+#: The step sizes (tokens) a layer's experts are timed at, routed against dense.
+DENSE_CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)
+
+#: A layer's experts get a dense copy only up to this many bytes. A per-expert oneDNN call costs
+#: tens of µs of set-up whatever its size (docs/benchmarks.md), against about 2 ms to stream
+#: 64 MiB of weights at 35 GB/s: above this the set-up the dense matmul saves is a few percent
+#: of the time, while it computes E / k times the routed arithmetic, so it cannot pay, and the
+#: copy (as large as the experts) would be memory spent for nothing.
+DENSE_MAX_BYTES = 64 << 20
+
+
+@dataclass
+class DenseExperts:
+    """A MoE layer's experts as one packed matmul per projection over all of them, used for
+    steps of ``tokens[0]`` to ``tokens[1]`` tokens (decode steps).
+
+    With a handful of tokens a step routes them to most experts, a row or two each, and a matmul
+    per expert pays oneDNN's fixed cost a call (two per expert, plus the loop's Python), which at
+    small expert sizes dwarfs the arithmetic. Here every token goes through every expert's gate/up
+    in one matmul ([E * 2I, H]), the experts a token did not choose weighted by zero, and the
+    down projections of all experts are one matmul over the concatenated intermediates
+    ([H, E * I]), which also sums each token's experts. That is E / k times the routed path's
+    arithmetic, so it wins only where the calls cost more: the load-time timing
+    (``dense_experts_for``) finds the range of step sizes where it does, if any."""
+
+    w13: Tensor  # packed [E * 2I, H]: expert e's gate rows, then its up rows
+    w2: Tensor  # packed [H, E * I]
+    num_experts: int
+    tokens: tuple[int, int]
+
+    def covers(self, num_tokens: int) -> bool:
+        return self.tokens[0] <= num_tokens <= self.tokens[1]
+
+
+def pack_dense(w13: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    """Stacked experts ``w13`` [E, 2I, H] and ``w2`` [E, H, I] -> the packed all-experts matrices
+    of ``DenseExperts``."""
+    num_experts, hidden, intermediate = w2.shape
+    w2_all = w2.permute(1, 0, 2).reshape(hidden, num_experts * intermediate)
+    return cpu_gemm.pack(w13.reshape(-1, w13.shape[2])), cpu_gemm.pack(w2_all)
+
+
+def dense_experts(hidden: Tensor, weights: Tensor, ids: Tensor, dense: DenseExperts, activation: str) -> Tensor:
+    """What ``moe_cpu_experts`` computes, through every expert at once (``DenseExperts``) ->
+    [T, H] in ``hidden``'s dtype. Each expert's intermediate is scaled by the token's routing
+    weight for it (zero where it was not chosen), so the down matmul's sum over its input is the
+    weighted sum over the token's experts, accumulated in float32 by oneDNN."""
+    num_tokens = hidden.shape[0]
+    gate_up = cpu_gemm.packed_matmul(hidden.to(dense.w13.dtype), dense.w13, None)
+    gate_up = gate_up.view(num_tokens, dense.num_experts, 2, -1)
+    routing = torch.zeros(num_tokens, dense.num_experts, dtype=weights.dtype, device=weights.device)
+    routing = routing.scatter_(1, ids, weights).to(gate_up.dtype)
+    intermediate = get_act_fn(activation)(gate_up[:, :, 0]) * gate_up[:, :, 1] * routing[:, :, None]
+    return cpu_gemm.packed_matmul(intermediate.view(num_tokens, -1), dense.w2, None).to(hidden.dtype)
+
+
+#: (step tokens, the routed call, the dense call) -> their times.
+Timer = Callable[[int, Callable[[], object], Callable[[], object]], tuple[float, float]]
+
+
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), 64 MiB where it cannot be read."""
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=64 << 20)
+
+
+def time_routed_and_dense(tokens: int, routed: Callable[[], object], dense: Callable[[], object],
+                          repeats: int = 5) -> tuple[float, float]:
+    """The best times of single calls of the two paths on one step's inputs, each call after
+    the caches were flushed by writing twice the last-level cache: in a decode step a layer's
+    experts are read once, from memory, and timed hot the dense path (which reads E / k times
+    the routed path's weights) looked 1.5x faster at one token where it was not (measured on
+    the bundled-scale Mixtral: docs/benchmarks.md)."""
+    flush = torch.empty(2 * last_level_cache_bytes() // 4)
+    best = [float("inf"), float("inf")]
+    for _ in range(repeats):
+        for i, fn in enumerate((routed, dense)):
+            flush.fill_(float(i))
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def dense_experts_for(w13: Tensor, w2: Tensor, packed13: list[Tensor], packed2: list[Tensor], top_k: int,
+                      activation: str, timer: Timer | None = None) -> DenseExperts | None:
+    """The layer's ``DenseExperts`` when its experts (stacked ``w13``/``w2``, packed per expert
+    ``packed13``/``packed2``) are at most ``DENSE_MAX_BYTES`` and the dense path is faster than
+    the routed one at some of ``DENSE_CALIBRATION_TOKENS`` on this machine, timed on random
+    inputs and routing with the caller's torch threads: used over the longest run of step sizes
+    where it won, from its first to its last. None otherwise."""
+    if (w13.numel() + w2.numel()) * w13.element_size() > DENSE_MAX_BYTES:
+        return None
+    key = (tuple(w13.shape), tuple(w2.shape), w13.dtype, top_k, activation, torch.get_num_threads())
+    if timer is None and _dense_ranges.get(key, ()) is None:
+        return None
+    num_experts, hidden_size = w13.shape[0], w13.shape[2]
+    dense = DenseExperts(*pack_dense(w13, w2), num_experts=num_experts, tokens=(0, 0))
+    if timer is None and key in _dense_ranges:
+        return _with_range(dense, _dense_ranges[key])
+    generator = torch.Generator().manual_seed(0)
+    wins = []
+    with torch.inference_mode():
+        for tokens in DENSE_CALIBRATION_TOKENS:
+            x = torch.randn(tokens, hidden_size, generator=generator).to(w13.dtype)
+            logits = torch.randn(tokens, num_experts, generator=generator)
+            weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+            routed_time, dense_time = (timer or time_routed_and_dense)(
+                tokens,
+                lambda: moe_cpu_experts(x, weights, ids, packed13, packed2, [], [], activation),
+                lambda: dense_experts(x, weights, ids, dense, activation))
+            wins.append(dense_time < routed_time)
+    best: tuple[int, int] | None = None
+    run_start = None
+    for i, won in enumerate([*wins, False]):
+        if won and run_start is None:
+            run_start = i
+        elif not won and run_start is not None:
+            if best is None or i - run_start > best[1] - best[0] + 1:
+                best = (run_start, i - 1)
+            run_start = None
+    tokens = None if best is None else (DENSE_CALIBRATION_TOKENS[best[0]], DENSE_CALIBRATION_TOKENS[best[1]])
+    if timer is None:
+        _dense_ranges[key] = tokens
+    return _with_range(dense, tokens)
+
+
+#: Per layer shape (and dtype, top-k, activation, threads): the step sizes its dense path won at,
+#: timed once a process (a model's layers share their shape).
+_dense_ranges: dict[tuple, tuple[int, int] | None] = {}
+
+
+def _with_range(dense: DenseExperts, tokens: tuple[int, int] | None) -> DenseExperts | None:
+    if tokens is None:
+        return None
+    dense.tokens = tokens
+    return dense

@@ -123,15 +123,21 @@ class MoEMethod:
     def process_weights_after_loading(self, layer: FusedMoE) -> None:
         """On the CPU where oneDNN's kernels pay (``cpu_experts.packs``: bfloat16 with bf16
         units; float32 where they win at a decode step's few rows an expert, timed): each
-        expert's weights reordered once into oneDNN's layout, the stacked copies dropped. The
-        rest, and CUDA, keep the grouped matmuls."""
+        expert's weights reordered once into oneDNN's layout, the stacked copies dropped, and
+        small experts also packed all together for the decode step sizes where one matmul over
+        every expert is faster (``cpu_experts.dense_experts_for``, timed). The rest, and CUDA,
+        keep the grouped matmuls."""
         w13 = layer.w13_weight
         if w13.device.type != "cpu" or not cpu_experts.packs(w13.data, layer.w2_weight.data):
             return
         layer.cpu_weights = (cpu_experts.pack_onednn(w13.data), cpu_experts.pack_onednn(layer.w2_weight.data), [], [])
+        layer.cpu_dense = cpu_experts.dense_experts_for(w13.data, layer.w2_weight.data, *layer.cpu_weights[:2],
+                                                        layer.top_k, layer.activation_name)
         del layer.w13_weight, layer.w2_weight
 
     def apply(self, layer: FusedMoE, hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if layer.cpu_dense is not None and layer.cpu_dense.covers(hidden.shape[0]):
+            return cpu_experts.dense_experts(hidden, weights, ids, layer.cpu_dense, layer.activation_name)
         if layer.cpu_weights is not None:
             return cpu_experts.moe_cpu_experts(hidden, weights, ids, *layer.cpu_weights, layer.activation_name)
         return stacked_experts(layer, hidden, layer.w13_weight, layer.w2_weight, weights, ids)
@@ -175,6 +181,9 @@ class FusedMoE(nn.Module):
         #: Per-expert weights in a CPU kernel's layout (``cpu_experts.moe_cpu_experts``' w13, w2,
         #: scales13, scales2), set by the method after loading; None: the stacked weights.
         self.cpu_weights: tuple[list[torch.Tensor], ...] | None = None
+        #: All the experts as one matmul per projection, for the decode step sizes where that is
+        #: faster on this CPU (``cpu_experts.DenseExperts``); None: never.
+        self.cpu_dense: cpu_experts.DenseExperts | None = None
         self.quant_method = method
         method.create_weights(self, hidden_size, intermediate_size, params_dtype or torch.get_default_dtype())
 
@@ -205,4 +214,5 @@ class FusedMoE(nn.Module):
             f"experts={self.num_experts}, top_k={self.top_k}, intermediate={self.intermediate_size}, "
             f"renormalize={self.renormalize}, activation={self.activation_name}, "
             f"method={type(self.quant_method).__name__}{', cpu layout' if self.cpu_weights else ''}"
+            + (f", dense for {self.cpu_dense.tokens[0]}-{self.cpu_dense.tokens[1]} tokens" if self.cpu_dense else "")
         )
