@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from pagedserve.bench.roofline import StepWork, bound_seconds, flops_per_token
 from pagedserve.bench.serve import run_load
 from pagedserve.bench.throughput import run_throughput
-from pagedserve.bench.workload import length_pairs, make_workload
+from pagedserve.bench.workload import length_pairs, make_workload, with_fresh_ids
 from pagedserve.core.config import engine_config_from_args
 from pagedserve.core.engine import LLMEngine
 
@@ -140,6 +140,47 @@ def test_bench_throughput_command_with_hf_baseline(tiny_model, tmp_path: Path) -
     assert results["speedup_vs_hf_sequential"] == pytest.approx(
         results["output_tokens_per_s"] / results["hf_sequential"]["output_tokens_per_s"]
     )
+    assert "rounds" not in results
+
+
+@pytest.mark.slow
+def test_bench_throughput_rounds_take_turns_with_transformers(tiny_model, tmp_path: Path) -> None:
+    """--rounds 3: the engine and transformers' generate take turns, the speed-up is the median
+    of the three rounds' own ratios."""
+    out = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "pagedserve", "--log-level", "WARNING", "bench", "throughput",
+        "--model", str(tiny_model()), "--dtype", "float32", "--num-prompts", "4",
+        "--lengths", "fixed:8,4", "--baseline", "hf", "--rounds", "3", "--output-json", str(out),
+    ]
+    subprocess.run(command, capture_output=True, text=True, check=True)
+    record = json.loads(out.read_text())
+    assert record["settings"]["rounds"] == 3
+    rounds = record["results"]["rounds"]
+    assert len(rounds) == 3
+    assert rounds[0]["output_tokens_per_s"] == record["results"]["output_tokens_per_s"]
+    for turn in rounds:
+        assert turn["speedup_vs_hf_sequential"] == pytest.approx(
+            turn["output_tokens_per_s"] / turn["hf_sequential_output_tokens_per_s"])
+    ratios = sorted(turn["speedup_vs_hf_sequential"] for turn in rounds)
+    assert record["results"]["speedup_vs_hf_sequential"] == pytest.approx(ratios[1])
+
+
+def test_bench_rounds_need_the_transformers_baseline(tiny_model) -> None:
+    from click.testing import CliRunner
+
+    from pagedserve.bench.cli import bench
+
+    result = CliRunner().invoke(bench, ["throughput", "--model", str(tiny_model()), "--rounds", "2"])
+    assert result.exit_code != 0 and "--baseline hf" in result.output
+
+
+def test_fresh_ids_keep_the_lengths_and_change_the_prompts() -> None:
+    workload = make_workload("sharegpt", 16, 4096, 512, seed=0)
+    fresh = with_fresh_ids(workload, 7, 4096)
+    assert [(len(r.prompt_token_ids), r.output_len) for r in fresh] == [(len(r.prompt_token_ids), r.output_len) for r in workload]
+    assert all(a.prompt_token_ids != b.prompt_token_ids for a, b in zip(fresh, workload))
+    assert all(3 <= token < 4096 for r in fresh for token in r.prompt_token_ids)
 
 
 @pytest.mark.slow

@@ -68,3 +68,13 @@ def make_workload(
         BenchRequest([rng.randrange(special_ids, vocab_size) for _ in range(inp)], out)
         for inp, out in length_pairs(spec, count, max_model_len, rng)
     ]
+
+
+def with_fresh_ids(workload: list[BenchRequest], seed: int, vocab_size: int, special_ids: int = 3) -> list[BenchRequest]:
+    """The same lengths with other random ids: a repeat of the workload that the prefix cache
+    cannot skip."""
+    rng = random.Random(seed)
+    return [
+        BenchRequest([rng.randrange(special_ids, vocab_size) for _ in request.prompt_token_ids], request.output_len)
+        for request in workload
+    ]
