@@ -36,7 +36,6 @@ glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 def _faults_per_page(mode: str) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD") and not k.startswith("MALLOC_")}
-    env.pop("PAGEDSERVE_MALLOC_TUNING", None)
     out = subprocess.run([sys.executable, "-c", CYCLES, mode], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
 
@@ -49,13 +48,12 @@ def test_freed_tensors_are_reused_without_faulting_their_pages_in_again() -> Non
 
 
 @pytest.mark.parametrize("name, value, reason", [
-    ("PAGEDSERVE_MALLOC_TUNING", "0", "PAGEDSERVE_MALLOC_TUNING=0"),
     ("GLIBC_TUNABLES", "glibc.malloc.arena_max=2", "GLIBC_TUNABLES"),
     ("MALLOC_ARENA_MAX_", "2", "MALLOC_"),
     ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2", "LD_PRELOAD"),
 ])
 def test_the_users_own_allocator_settings_are_left_alone(monkeypatch, name: str, value: str, reason: str) -> None:
-    for variable in ("PAGEDSERVE_MALLOC_TUNING", "GLIBC_TUNABLES", "LD_PRELOAD"):
+    for variable in ["GLIBC_TUNABLES", "LD_PRELOAD", *(name for name in os.environ if name.startswith("MALLOC_"))]:
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv(name, value)
     assert reason in host_malloc.users_choice()

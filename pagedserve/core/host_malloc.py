@@ -12,9 +12,9 @@ Mixtral about 165 against 128 ms (docs/benchmarks.md). Raising both thresholds (
 start-up, or what the allocators vLLM's CPU guide preloads do their own way) keeps that memory
 in the heap: the process holds on to its peak of freed tensors instead of returning it.
 
-Not done where the user chose for the process: ``GLIBC_TUNABLES`` or ``MALLOC_*_`` in the
-environment, another allocator preloaded (``LD_PRELOAD``), or ``PAGEDSERVE_MALLOC_TUNING=0``;
-nor off glibc.
+Not done where the user set the process's allocator up: ``GLIBC_TUNABLES`` or ``MALLOC_*_`` in the
+environment (e.g. ``GLIBC_TUNABLES=glibc.malloc.trim_threshold=131072`` keeps glibc's behaviour),
+or another allocator preloaded (``LD_PRELOAD``); nor off glibc.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ _applied: bool | None = None
 
 def users_choice() -> str | None:
     """Why the process's allocator is left as it is (None: it may be tuned)."""
-    if os.environ.get("PAGEDSERVE_MALLOC_TUNING", "1") == "0":
-        return "PAGEDSERVE_MALLOC_TUNING=0"
     if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES sets malloc options"
     if any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ):

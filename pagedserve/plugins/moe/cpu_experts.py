@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -263,19 +264,13 @@ def dense_experts_for(w13: Tensor, w2: Tensor, packed13: list[Tensor], packed2: 
                 lambda: moe_cpu_experts(x, weights, ids, packed13, packed2, [], [], activation),
                 lambda: dense_experts(x, weights, ids, dense, activation))
             wins.append(dense_time < routed_time)
-    best: tuple[int, int] | None = None
-    run_start = None
-    for i, won in enumerate([*wins, False]):
-        if won and run_start is None:
-            run_start = i
-        elif not won and run_start is not None:
-            if best is None or i - run_start > best[1] - best[0] + 1:
-                best = (run_start, i - 1)
-            run_start = None
-    tokens = None if best is None else (DENSE_CALIBRATION_TOKENS[best[0]], DENSE_CALIBRATION_TOKENS[best[1]])
+    runs = [list(run) for won, run in groupby(DENSE_CALIBRATION_TOKENS, key=dict(zip(DENSE_CALIBRATION_TOKENS, wins)).get)
+            if won]
+    longest = max(runs, key=len, default=None)
+    chosen = None if longest is None else (longest[0], longest[-1])
     if timer is None:
-        _dense_ranges[key] = tokens
-    return _with_range(dense, tokens)
+        _dense_ranges[key] = chosen
+    return _with_range(dense, chosen)
 
 
 #: Per layer shape (and dtype, top-k, activation, threads): the step sizes its dense path won at,
