@@ -242,17 +242,21 @@ def test_cpu_experts_compile_as_one_graph(layout: str) -> None:
     layer = loaded_layer(w13.to(dtype), w2.to(dtype), 2, dtype, quant)
     assert layer.cpu_weights is not None
     layer.cpu_dense = None  # the routed path, whatever the timing chose (below: the dense one)
-    x, logits = x.to(dtype), logits.to(dtype)
+    targets = compiled_call_targets(layer, x.to(dtype), logits.to(dtype), dynamic=True)
+    assert sum("moe_cpu_experts_matmul" in target for target in targets) == 2, targets
+
+
+def compiled_call_targets(layer: FusedMoE, x: torch.Tensor, logits: torch.Tensor, dynamic: bool) -> list[str]:
+    """The functions the layer's one graph calls (fullgraph), its result checked against eager."""
     graphs: list[torch.fx.GraphModule] = []
 
     def record(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
         graphs.append(graph)
         return graph
 
-    compiled = torch.compile(layer, backend=record, fullgraph=True, dynamic=True)
+    compiled = torch.compile(layer, backend=record, fullgraph=True, dynamic=dynamic)
     torch.testing.assert_close(compiled(x, logits), layer(x, logits), rtol=0, atol=0)
-    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum("moe_cpu_experts_matmul" in target for target in targets) == 2, targets
+    return [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
 
 
 def dense_wins_at(*tokens: int):
@@ -317,15 +321,7 @@ def test_dense_experts_compile_to_the_packed_matmul_op(monkeypatch) -> None:
     x, w13, w2, _, _ = make_inputs(4, 6, 2, 64, 48, seed=3)
     logits = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     layer = packed_layer(w13, w2, 2, torch.float32, monkeypatch, wins=(2, 4, 8))
-    graphs: list[torch.fx.GraphModule] = []
-
-    def record(graph: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> torch.fx.GraphModule:
-        graphs.append(graph)
-        return graph
-
-    compiled = torch.compile(layer, backend=record, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(x, logits), layer(x, logits), rtol=0, atol=0)
-    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    targets = compiled_call_targets(layer, x, logits, dynamic=False)
     assert sum("packed_linear" in target for target in targets) == 2, targets
     assert not any("moe_cpu_experts_matmul" in target for target in targets), targets
 
