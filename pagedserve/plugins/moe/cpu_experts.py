@@ -204,6 +204,10 @@ def dense_experts(hidden: Tensor, weights: Tensor, ids: Tensor, dense: DenseExpe
     return cpu_gemm.packed_matmul(intermediate.view(num_tokens, -1), dense.w2, None).to(hidden.dtype)
 
 
+#: The most memory the timing writes to flush the caches before a call (a CPU reporting a huge
+#: last-level cache would otherwise have it allocate and write gigabytes 60 times).
+FLUSH_MAX_BYTES = 256 << 20
+
 #: (step tokens, the routed call, the dense call) -> their times.
 Timer = Callable[[int, Callable[[], object], Callable[[], object]], tuple[float, float]]
 
@@ -225,7 +229,7 @@ def time_routed_and_dense(tokens: int, routed: Callable[[], object], dense: Call
     experts are read once, from memory, and timed hot the dense path (which reads E / k times
     the routed path's weights) looked 1.5x faster at one token where it was not (measured on
     the bundled-scale Mixtral: docs/benchmarks.md)."""
-    flush = torch.empty(2 * last_level_cache_bytes() // 4)
+    flush = torch.empty(min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES) // 4)
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
         for i, fn in enumerate((routed, dense)):
