@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -30,8 +29,7 @@ rounds(sizes[240:])
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (sum(sizes[240:]) << 8))
 """
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's malloc")
+glibc_only = pytest.mark.skipif(not host_malloc.on_glibc(), reason="glibc's malloc")
 
 
 def _faults_per_page(mode: str) -> float:

@@ -7,7 +7,7 @@ kernel past its trim threshold: the next tensor of that size is faulted in page 
 A prefill step allocates and frees tensors of megabytes for every layer, so it paid those faults
 at every op: on a 2-core AMD EPYC, ``x.pow(2)`` of a [2048, 384] float32 tensor took 443 µs
 against 40 µs with both thresholds raised, and a 2,048-token prefill of the bundled-scale
-Mixtral about 165 against 128 ms (docs/benchmarks.md). Raising both thresholds (what
+Mixtral 151-184 against 123-148 ms (docs/benchmarks.md). Raising both thresholds (what
 ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...`` does at
 start-up, or what the allocators vLLM's CPU guide preloads do their own way) keeps that memory
 in the heap: the process holds on to its peak of freed tensors instead of returning it.
@@ -45,9 +45,13 @@ def users_choice() -> str | None:
         return "MALLOC_*_ variables are set"
     if os.environ.get("LD_PRELOAD"):
         return "LD_PRELOAD is set (another allocator, perhaps)"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return "the C library is not glibc"
     return None
+
+
+def on_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def keep_freed_memory() -> bool:

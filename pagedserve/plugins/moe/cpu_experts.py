@@ -147,7 +147,6 @@ def moe_cpu_experts(
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
 
 
-
 #: The step sizes (tokens) a layer's experts are timed at, routed against dense.
 DENSE_CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)
 
@@ -214,10 +213,10 @@ Timer = Callable[[int, Callable[[], object], Callable[[], object]], tuple[float,
 
 def last_level_cache_bytes() -> int:
     """The CPU's largest cache (Linux sysfs), 64 MiB where it cannot be read."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = entry.read_text().strip()
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
         sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
     return max(sizes, default=64 << 20)
 
