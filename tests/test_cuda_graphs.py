@@ -214,15 +214,32 @@ def test_an_option_inductor_refuses_is_a_config_error(tiny_model, options: dict,
             cuda_graph_sizes=[1, 2])
 
 
-def test_each_compiled_decode_adds_its_sizes_to_dynamos_recompile_limit() -> None:
-    """Every compiled engine's graphs (a draft's too) hang on one forward code object: two
-    engines of 7 sizes need room for 14 graphs, not the 7 + 1 the larger of them asked for."""
+def test_each_compiled_decode_has_its_own_code_and_room_for_its_sizes() -> None:
+    """Each compiled engine's graphs hang on a forward code object of its own (another engine
+    cannot reach them), and dynamo's limit of graphs a code object has room for its sizes."""
     from torch import nn
 
     from pagedserve.core.compiled_decode import compile_decode
     from pagedserve.plugins.attention.torch_ref.backend import TorchRefBackend
 
     with torch._dynamo.config.patch(recompile_limit=8):
-        for _ in range(2):
-            compile_decode(nn.Linear(2, 2), 7, TorchRefBackend.__new__(TorchRefBackend))
-        assert torch._dynamo.config.recompile_limit == 8 + 14
+        steps = [compile_decode(nn.Linear(2, 2), 11, TorchRefBackend.__new__(TorchRefBackend)) for _ in range(2)]
+        assert torch._dynamo.config.recompile_limit == 11
+        codes = [step._orig_mod.forward.__code__ for step in steps]
+        assert codes[0] is not codes[1] and codes[0] != codes[1]
+
+
+@pytest.mark.slow
+def test_compiled_engines_of_the_same_shapes_run_their_own_graphs(tiny_model) -> None:
+    """The compiled step's guards skip the model (``step_guard_filter``), so two engines whose
+    models have the same shapes and differ in a setting traced into the graph as a constant (the
+    norms' epsilon) and in their weights must not share graphs: each gives its own
+    transformers tokens."""
+    architecture, overrides = CONFIGS["llama-gqa"]
+    models = [tiny_model(architecture, **overrides),
+              tiny_model(architecture, **overrides, rms_norm_eps=0.5, initializer_range=0.2)]
+    expected = [hf_greedy(model, PROMPTS, MAX_TOKENS) for model in models]
+    assert expected[0] != expected[1]
+    llms = [LLM(str(model), dtype="float32", compilation_config=3, cuda_graph_sizes=[4, 64], max_num_seqs=4,
+                block_size=4) for model in models]
+    assert [greedy(llm, PROMPTS) for llm in llms] == expected
