@@ -62,12 +62,13 @@ def test_family_greedy_and_logprobs_match_transformers_under_pressure(tiny_model
     assert_transformers_greedy(model_dir, outputs)
 
 
-def assert_transformers_greedy(model_dir, outputs) -> None:
-    """Every output's tokens transformers' argmax at their positions, logprobs within 1e-4."""
+def assert_transformers_greedy(model_dir, outputs, lengths: list[int] | None = None) -> None:
+    """Every output's tokens (``lengths``, by default ``MAX_TOKENS`` each) transformers' argmax at
+    their positions, logprobs within 1e-4."""
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    for out in outputs:
+    for out, length in zip(outputs, lengths or [MAX_TOKENS] * len(outputs), strict=True):
         completion = out.outputs[0]
-        assert len(completion.token_ids) == MAX_TOKENS
+        assert len(completion.token_ids) == length
         ids = out.prompt_token_ids + completion.token_ids
         with torch.no_grad():
             logits = hf_model(torch.tensor([ids])).logits[0].float()
@@ -98,3 +99,35 @@ def test_mixtral_with_dense_cpu_experts_matches_transformers(tiny_model, monkeyp
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
     outputs = llm.generate([PROMPTS[1], PROMPTS[3][:60], PROMPTS[0]], params, use_tqdm=False)
     assert_transformers_greedy(model_dir, outputs)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+def test_mixtral_compiled_at_exact_batch_sizes_matches_transformers(tiny_model, monkeypatch) -> None:
+    """``-O3`` without ``cuda_graph_sizes``: every decode step runs compiled at its own batch size
+    (``PaddedDecode.exact``, no padding rows) as requests of different lengths finish (4, 3, 2,
+    then 1 sequences), the dense experts taken for 1-2 tokens (injected timings) and the routed
+    ones above, a branch on the batch size that splits the symbolic range; every graph compiled
+    at start-up, and transformers' greedy tokens and logprobs in float32."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(cpu_gemm, "time_both", lambda weight, packed, rows: (1.0, 0.5))
+    real = cpu_experts.dense_experts_for
+    monkeypatch.setattr(cpu_experts, "dense_experts_for",
+                        lambda *args: real(*args, timer=lambda tokens, routed, dense: (1.0, 0.5 if tokens <= 2 else 2.0)))
+    architecture, overrides = FAMILIES["mixtral-top2"]
+    model_dir = tiny_model(architecture, **overrides)
+    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=4, block_size=4, compilation_config=3)
+    padded = llm.engine.runner.padded_decode
+    assert padded.exact and padded.sizes == [1, 2, 4]
+    sizes: list[tuple[int, int]] = []
+    run = padded.run
+    padded.run = lambda token_ids, positions, block_ids, size: (sizes.append((len(token_ids), size)),
+                                                                run(token_ids, positions, block_ids, size))[1]
+    graphs = counters["stats"]["unique_graphs"]
+    prompts = [PROMPTS[1], PROMPTS[3][:60], PROMPTS[0], PROMPTS[2]]
+    lengths = [MAX_TOKENS, 9, 6, 3]
+    outputs = llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n, logprobs=0, ignore_eos=True)
+                                     for n in lengths], use_tqdm=False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert {n for n, _ in sizes} == {1, 2, 3, 4} and all(n == size for n, size in sizes)
+    assert_transformers_greedy(model_dir, outputs, lengths)

@@ -2,11 +2,14 @@
 
 On a small CPU a decode step at a small batch is mostly per-op overhead: a few dozen small
 matmuls, norms, rope and activations, each dispatched on its own (issue 22's profile: 30-47% of a
-batch-1 step outside any op). Here each padded decode size of ``PaddedDecode`` (the persistent
-input buffers of ``core/cuda_graphs.py``) gets its own static-shape graph: ``torch.compile`` with
+batch-1 step outside any op). Here the decode steps of ``PaddedDecode`` (the persistent input
+buffers of ``core/cuda_graphs.py``) run as inductor graphs: ``torch.compile`` with
 ``dynamic=False``, so inductor fuses the elementwise work into a few C++ kernels around the
-matmuls and dynamo's guards check a fixed shape. The guards check the step's inputs only, not the
-model (``step_guard_filter``), whose graphs no other engine can reach (``_own_forward_code``).
+matmuls. By default each batch runs at its own size, its batch axis symbolic (``PaddedDecode.exact``:
+a graph for one sequence, one for the rest, more where the model branches on the batch size);
+with ``cuda_graph_sizes`` each of those sizes is a static graph and steps are padded to them.
+The guards check the step's inputs only, not the model (``step_guard_filter``), whose graphs no
+other engine can reach (``_own_forward_code``).
 
 Attention: a backend with ``supports_traced_decode`` (the CPU default, ``torch_ref``) is traced
 into the graph (``TracedDecode``): the step's block tables, sequence lengths and slot mapping
@@ -17,7 +20,7 @@ measured on tiny-py at batch 1, the opaque op and its metadata were 40% of a com
 other backend stays the opaque ``pagedserve::attention`` op (its per-step metadata is host
 state), so every attention backend keeps working under it.
 
-The graphs are compiled at start-up, largest first, and kept by inductor's own on-disk caches
+The graphs are compiled at start-up, largest first (every batch size is run once), and kept by inductor's own on-disk caches
 (the FX graph and AOT autograd caches, on by default), so a second start with the same model,
 dtype and sizes compiles much faster than the first. Compiling is slow on a small CPU (tens of
 seconds a size on two cores, measured in docs/benchmarks.md), which is why it is opt-in and the

@@ -15,7 +15,9 @@ request's cache; their outputs are dropped.
 The same padded path runs on the CPU without capture (``cuda_graph_sizes`` given on the CPU), so
 the tests show it gives transformers' tokens exactly and only the capture itself needs a GPU. With
 ``compilation_config`` level 3 on the CPU, each size's forward is instead a static-shape inductor
-graph (``core/compiled_decode.py``), compiled by ``compile_all``.
+graph (``core/compiled_decode.py``), compiled by ``compile_all``; without ``cuda_graph_sizes``
+there are no padding rows at all (``exact``): each batch runs at its own size, the batch axis
+symbolic in the compiled graphs.
 """
 
 from __future__ import annotations
@@ -161,15 +163,28 @@ class PaddedDecode:
     is a CUDA graph captured by ``capture_all`` and replayed by ``run``; ``forward`` may be a
     forward compiled for static shapes, each size compiled by ``compile_all``, and ``traced``
     when its attention is traced into the graph (it then takes the step's attention tensors
-    and no metadata is built)."""
+    and no metadata is built).
+
+    ``exact`` (a traced compiled forward): no padding; a batch of up to ``sizes[-1]`` requests
+    runs at its own size, the batch axis of its inputs symbolic (``maybe_mark_dynamic``), so one
+    graph serves every batch from 2 up (dynamo specialises a size of 1, and a model that
+    branches on the batch size, as the MoE layer's dense decode experts do, splits the range
+    into a graph per branch). Padding a step of 33 requests to 64 cost every padding row a full
+    row's attention and experts: on the 64-request offline workload, two ``-O3`` engines taking
+    turns, exact sizes ran the bundled-scale Mixtral 1.07x and the bundled model 1.04x faster
+    (bf16, medians of 8 and 6 rounds: docs/benchmarks.md)."""
 
     def __init__(self, config: EngineConfig, sizes: list[int], backend: AttentionBackend, forward: Forward,
-                 pad_block: int, device: torch.device, capture: bool, traced: bool = False) -> None:
+                 pad_block: int, device: torch.device, capture: bool, traced: bool = False,
+                 exact: bool = False) -> None:
+        if exact and not traced:
+            raise ValueError("exact decode sizes need a compiled forward that traces its attention")
         self.sizes = sizes
         self.backend = backend
         self.forward = forward
         self.capture = capture
         self.traced = traced
+        self.exact = exact
         self.max_model_len = int(config.model.max_model_len)  # type: ignore[arg-type]
         block_size = config.cache.block_size
         # At least two block columns: a traced step's block-table axis is never specialised to 1.
@@ -181,6 +196,8 @@ class PaddedDecode:
 
     def padded_size(self, num_reqs: int) -> int | None:
         """The size a batch of ``num_reqs`` decodes at (None: larger than every size)."""
+        if self.exact:
+            return num_reqs if num_reqs <= self.sizes[-1] else None
         for size in self.sizes:
             if size >= num_reqs:
                 return size
@@ -205,20 +222,27 @@ class PaddedDecode:
             width = max(2, -(-max(seq_lens) // buffers.block_size))
             tables = buffers.block_tables[:size, :width]
             torch._dynamo.mark_dynamic(tables, 1)
-            return self.forward(ids, positions, tables, buffers.seq_lens[:size], buffers.slot_mapping[:size])
+            inputs = (ids, positions, tables, buffers.seq_lens[:size], buffers.slot_mapping[:size])
+            if self.exact and size > 1:
+                for tensor in inputs:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+            return self.forward(*inputs)
         layout = buffers.layout(size, seq_lens, max(seq_lens))
         with set_forward_context(self.backend, self.backend.build_metadata(layout)):
             return self.forward(ids, positions)
 
     def compile_all(self) -> None:
         """Run every size once, the largest first, so that the compiled forward traces and
-        compiles each size's graph at start-up instead of in a request's step."""
+        compiles each size's graph at start-up instead of in a request's step (``exact``: every
+        batch size up to the largest, so that any range a guard splits off is compiled too)."""
         start = time.perf_counter()
-        for size in reversed(self.sizes):
+        sizes = range(self.sizes[-1], 0, -1) if self.exact else reversed(self.sizes)
+        for size in sizes:
             self._forward(size, self.buffers.write([], [], [], size))
         logger.info(
-            "compiled the decode step for %d batch sizes (%s) in %.1f s",
-            len(self.sizes), ", ".join(map(str, self.sizes)), time.perf_counter() - start,
+            "compiled the decode step for %s in %.1f s",
+            f"batch sizes 1-{self.sizes[-1]} (exact)" if self.exact
+            else f"{len(self.sizes)} batch sizes ({', '.join(map(str, self.sizes))})", time.perf_counter() - start,
         )
 
     def capture_all(self) -> None:

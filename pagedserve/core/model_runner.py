@@ -134,10 +134,14 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
         if compiled:
             sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
                 config.scheduler.max_num_seqs)
-            forward = compile_decode(self.model, len(sizes), self.backend, config.inductor_compile_config)
+            traced = type(self.backend).supports_traced_decode
+            # Without sizes asked for, each batch runs at its own size (``PaddedDecode.exact``): at
+            # worst (a model specialising every batch size) a graph per size.
+            exact = traced and not config.cuda_graph_sizes
+            forward = compile_decode(self.model, sizes[-1] if exact else len(sizes), self.backend,
+                                     config.inductor_compile_config)
             self.padded_decode = PaddedDecode(config, sizes, self.backend, forward, self.num_kv_blocks,
-                                              self.device, capture=False,
-                                              traced=type(self.backend).supports_traced_decode)
+                                              self.device, capture=False, traced=traced, exact=exact)
             with phase("decode step compile"), torch.inference_mode():
                 self.padded_decode.compile_all()
         elif pad:

@@ -242,9 +242,11 @@ class DraftModelProposer(Proposer):
     def _compiled_decode(self, sizes: list[int], num_blocks: int) -> PaddedDecode:
         """The draft's decode step compiled for ``sizes`` at start-up, on the one thread it runs
         with (inductor's generated kernels and its cache depend on the thread count)."""
-        forward = compile_decode(self.model, len(sizes), self.backend, self.config.inductor_compile_config)
+        traced = type(self.backend).supports_traced_decode
+        forward = compile_decode(self.model, sizes[-1] if traced else len(sizes), self.backend,
+                                 self.config.inductor_compile_config)
         decode = PaddedDecode(self.config, sizes, self.backend, forward, num_blocks, self.device, capture=False,
-                              traced=type(self.backend).supports_traced_decode)
+                              traced=traced, exact=traced)
         with _one_thread(self.device), torch.inference_mode():
             decode.compile_all()
         return decode
