@@ -84,7 +84,7 @@ def assert_transformers_greedy(model_dir, outputs, lengths: list[int] | None = N
 @pytest.mark.parametrize("compiled", [False, True])
 def test_mixtral_with_dense_cpu_experts_matches_transformers(tiny_model, monkeypatch, compiled: bool) -> None:
     """Every weight packed for oneDNN and the experts' dense path (``cpu_experts.DenseExperts``)
-    taken for steps of 1-4 tokens (injected timings), eagerly and in the ``-O3`` graph of 4
+    taken for steps of 2-4 tokens (injected timings), eagerly and in the ``-O3`` graph of 4
     sequences: transformers' greedy tokens and logprobs in float32."""
     monkeypatch.setattr(cpu_gemm, "time_both", lambda weight, packed, rows: (1.0, 0.5))
     real = cpu_experts.dense_experts_for
@@ -95,7 +95,7 @@ def test_mixtral_with_dense_cpu_experts_matches_transformers(tiny_model, monkeyp
     compile_args = {"compilation_config": 3, "cuda_graph_sizes": [4]} if compiled else {}
     llm = LLM(str(model_dir), dtype="float32", max_num_seqs=4, block_size=4, **compile_args)
     layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
-    assert layers and all(layer.cpu_dense is not None and layer.cpu_dense.tokens == (1, 4) for layer in layers)
+    assert layers and all(layer.cpu_dense is not None and layer.cpu_dense.tokens == (2, 4) for layer in layers)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=0, ignore_eos=True)
     outputs = llm.generate([PROMPTS[1], PROMPTS[3][:60], PROMPTS[0]], params, use_tqdm=False)
     assert_transformers_greedy(model_dir, outputs)
@@ -105,8 +105,8 @@ def test_mixtral_with_dense_cpu_experts_matches_transformers(tiny_model, monkeyp
 def test_mixtral_compiled_at_exact_batch_sizes_matches_transformers(tiny_model, monkeypatch) -> None:
     """``-O3`` without ``cuda_graph_sizes``: every decode step runs compiled at its own batch size
     (``PaddedDecode.exact``, no padding rows) as requests of different lengths finish (4, 3, 2,
-    then 1 sequences), the dense experts taken for 1-2 tokens (injected timings) and the routed
-    ones above, a branch on the batch size that splits the symbolic range; every graph compiled
+    then 1 sequences), the dense experts taken for 2 tokens (injected timings) and the routed
+    ones at 1 and 3-4, a branch on the batch size that splits the symbolic range; every graph compiled
     at start-up, and transformers' greedy tokens and logprobs in float32."""
     from torch._dynamo.utils import counters
 

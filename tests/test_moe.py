@@ -276,14 +276,14 @@ def packed_layer(w13: torch.Tensor, w2: torch.Tensor, top_k: int, dtype: torch.d
 
 @pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_onednn_bf16)])
-@pytest.mark.parametrize(("num_tokens", "top_k"), [(1, 2), (3, 2), (16, 1), (32, 3)])
+@pytest.mark.parametrize(("num_tokens", "top_k"), [(2, 2), (3, 2), (16, 1), (32, 3)])
 def test_dense_experts_give_the_routed_result(monkeypatch, dtype: torch.dtype, num_tokens: int, top_k: int) -> None:
     """All experts as one matmul a projection, the unchosen weighted by zero: each token's
     weighted sum over its own experts, as the per-token reference computes it."""
     x, w13, w2, _, _ = make_inputs(num_tokens, 6, top_k, 64, 48, seed=num_tokens)
     logits = torch.randn(num_tokens, 6, generator=torch.Generator().manual_seed(4))
     layer = packed_layer(w13, w2, top_k, dtype, monkeypatch, wins=(1, 2, 4, 8, 16, 32))
-    assert layer.cpu_dense is not None and layer.cpu_dense.tokens == (1, 32)
+    assert layer.cpu_dense is not None and layer.cpu_dense.tokens == (2, 32)
     weights, ids = route_top_k(logits, top_k, renormalize=True)
     expected = per_token_reference(x.to(dtype), w13.to(dtype), w2.to(dtype), weights, ids)
     out = layer(x.to(dtype), logits)
@@ -293,7 +293,7 @@ def test_dense_experts_give_the_routed_result(monkeypatch, dtype: torch.dtype, n
 
 
 @pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
-@pytest.mark.parametrize(("wins", "tokens"), [((2, 4, 8, 32), (2, 8)), ((1,), (1, 1)), ((), None), ((16, 32), (16, 32))])
+@pytest.mark.parametrize(("wins", "tokens"), [((2, 4, 8, 32), (2, 8)), ((2,), (2, 2)), ((1,), None), ((), None), ((16, 32), (16, 32))])
 def test_dense_experts_cover_the_longest_run_of_step_sizes_they_won(monkeypatch, wins, tokens) -> None:
     _, w13, w2, _, _ = make_inputs(4, 6, 2, 64, 48, seed=0)
     layer = packed_layer(w13, w2, 2, torch.float32, monkeypatch, wins=wins)

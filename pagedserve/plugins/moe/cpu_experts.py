@@ -147,8 +147,12 @@ def moe_cpu_experts(
     return (unsorted.view(num_tokens, top_k, -1) * weights.unsqueeze(-1)).sum(1).to(hidden.dtype)
 
 
-#: The step sizes (tokens) a layer's experts are timed at, routed against dense.
-DENSE_CALIBRATION_TOKENS = (1, 2, 4, 8, 16, 32)
+#: The step sizes (tokens) a layer's experts are timed at, routed against dense. Not one token:
+#: its routed step reads only top_k of the experts, which between steps stay partly in the
+#: last-level cache, where the cache-flushed timing sees every read from memory; it found dense
+#: faster at one token in some processes, and in the engine that step was 28% slower dense
+#: (bundled-scale Mixtral, ``-O3`` bf16: 3.74 against 2.93 ms a one-sequence step).
+DENSE_CALIBRATION_TOKENS = (2, 4, 8, 16, 32)
 
 #: A layer's experts get a dense copy only up to this many bytes. A per-expert oneDNN call costs
 #: tens of µs of set-up whatever its size (docs/benchmarks.md), against about 2 ms to stream
@@ -222,12 +226,14 @@ def last_level_cache_bytes() -> int:
 
 
 def time_routed_and_dense(tokens: int, routed: Callable[[], object], dense: Callable[[], object],
-                          repeats: int = 5) -> tuple[float, float]:
+                          repeats: int = 9) -> tuple[float, float]:
     """The best times of single calls of the two paths on one step's inputs, each call after
     the caches were flushed by writing twice the last-level cache: in a decode step a layer's
     experts are read once, from memory, and timed hot the dense path (which reads E / k times
     the routed path's weights) looked 1.5x faster at one token where it was not (measured on
-    the bundled-scale Mixtral: docs/benchmarks.md)."""
+    the bundled-scale Mixtral: docs/benchmarks.md). The best of 9 each: with 5, the size up to
+    which dense won moved between 16 and 32 from one process to the next, and at 24 sequences
+    dense was 1.24x faster in the engine."""
     flush = torch.empty(min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES) // 4)
     best = [float("inf"), float("inf")]
     for _ in range(repeats):
