@@ -4,8 +4,11 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pagedserve.plugins.samplers as sampler_plugin
+from pagedserve.core import sampling
 from pagedserve.core.plugins import PluginManager
 from pagedserve.core.request import Request
 from pagedserve.core.sampling import (
@@ -331,3 +334,22 @@ def test_prompt_logprobs_hold_the_target_and_the_top_k() -> None:
             assert logprob == expected_entry(raw[row], token)
     assert len(entries[4]) == 2  # the target is itself in the top 2
     assert [list(e) for e in compute_prompt_logprobs(logits, targets, 0)] == [[t] for t in targets.tolist()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(1, 5), width=st.integers(1, 300), levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1),
+       specials=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 299), st.sampled_from(["nan", "inf", "-inf"])),
+                         max_size=4))
+def test_argmax_is_torchs_first_index_of_the_largest(rows, width, levels, seed, specials) -> None:
+    """The sliced argmax (forced on for every shape here, in slices of 8) against torch's: few
+    distinct values, so ties across and within slices are common, and NaN and infinities at
+    random places."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, width), generator=generator).float()
+    for row, column, value in specials:
+        if row < rows and column < width:
+            logits[row, column] = float(value)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampling, "ARGMAX_MIN_ELEMENTS", 0)
+        patch.setattr(sampling, "ARGMAX_SLICE", 8)
+        assert torch.equal(sampling.argmax(logits), logits.argmax(dim=-1))

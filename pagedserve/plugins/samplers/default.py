@@ -17,6 +17,7 @@ from pagedserve.core.sampling import (
     SamplerOutput,
     SamplingBatch,
     TokenLogprobs,
+    argmax,
     device_to_host,
     host_to_device,
     logprob_tensors,
@@ -66,7 +67,7 @@ class DefaultSampler(Sampler):
         for processor in self.processors:
             logits = processor.apply(logits, batch)
 
-        token_ids = logits.argmax(dim=-1)
+        token_ids = argmax(logits)
         if not batch.all_greedy:
             sampled = self._sample(logits, batch)
             token_ids = torch.where(batch.greedy, token_ids, sampled)
@@ -78,7 +79,7 @@ class DefaultSampler(Sampler):
         for processor in self.processors:
             logits = processor.apply(logits, batch)
         probs = None if batch.all_greedy else self._probs(logits, batch)
-        return logits.argmax(dim=-1), probs
+        return argmax(logits), probs
 
     @staticmethod
     def _probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -95,7 +96,7 @@ class DefaultSampler(Sampler):
             noise[row].exponential_(generator=request_generator(batch.requests[row], self.device))
         # Some backends' exponential_ can return 0: keep the division finite.
         noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-        return (probs / noise).argmax(dim=-1)
+        return argmax(probs / noise)
 
     @staticmethod
     def _to_host(
