@@ -80,18 +80,24 @@ def assert_transformers_greedy(model_dir, outputs, lengths: list[int] | None = N
             assert completion.logprobs[i][token].logprob == pytest.approx(reference[i, token].item(), abs=1e-4)
 
 
+def packed_mixtral(tiny_model, monkeypatch, dense_up_to: int):
+    """The top-2 Mixtral's folder, with every weight an engine loads packed for oneDNN and its
+    dense experts taken for steps of up to ``dense_up_to`` tokens (injected timings)."""
+    monkeypatch.setattr(cpu_gemm, "time_both", lambda weight, packed, rows: (1.0, 0.5))
+    real = cpu_experts.dense_experts_for
+    monkeypatch.setattr(cpu_experts, "dense_experts_for", lambda *args: real(
+        *args, timer=lambda tokens, routed, dense: (1.0, 0.5 if tokens <= dense_up_to else 2.0)))
+    architecture, overrides = FAMILIES["mixtral-top2"]
+    return tiny_model(architecture, **overrides)
+
+
 @pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_mixtral_with_dense_cpu_experts_matches_transformers(tiny_model, monkeypatch, compiled: bool) -> None:
     """Every weight packed for oneDNN and the experts' dense path (``cpu_experts.DenseExperts``)
     taken for steps of 2-4 tokens (injected timings), eagerly and in the ``-O3`` graph of 4
     sequences: transformers' greedy tokens and logprobs in float32."""
-    monkeypatch.setattr(cpu_gemm, "time_both", lambda weight, packed, rows: (1.0, 0.5))
-    real = cpu_experts.dense_experts_for
-    monkeypatch.setattr(cpu_experts, "dense_experts_for",
-                        lambda *args: real(*args, timer=lambda tokens, routed, dense: (1.0, 0.5 if tokens <= 4 else 2.0)))
-    architecture, overrides = FAMILIES["mixtral-top2"]
-    model_dir = tiny_model(architecture, **overrides)
+    model_dir = packed_mixtral(tiny_model, monkeypatch, dense_up_to=4)
     compile_args = {"compilation_config": 3, "cuda_graph_sizes": [4]} if compiled else {}
     llm = LLM(str(model_dir), dtype="float32", max_num_seqs=4, block_size=4, **compile_args)
     layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, FusedMoE)]
@@ -110,12 +116,7 @@ def test_mixtral_compiled_at_exact_batch_sizes_matches_transformers(tiny_model, 
     at start-up, and transformers' greedy tokens and logprobs in float32."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(cpu_gemm, "time_both", lambda weight, packed, rows: (1.0, 0.5))
-    real = cpu_experts.dense_experts_for
-    monkeypatch.setattr(cpu_experts, "dense_experts_for",
-                        lambda *args: real(*args, timer=lambda tokens, routed, dense: (1.0, 0.5 if tokens <= 2 else 2.0)))
-    architecture, overrides = FAMILIES["mixtral-top2"]
-    model_dir = tiny_model(architecture, **overrides)
+    model_dir = packed_mixtral(tiny_model, monkeypatch, dense_up_to=2)
     llm = LLM(str(model_dir), dtype="float32", max_num_seqs=4, block_size=4, compilation_config=3)
     padded = llm.engine.runner.padded_decode
     assert padded.exact and padded.sizes == [1, 2, 4]
