@@ -286,7 +286,7 @@ def test_a_draft_that_does_not_compile_runs_eagerly_unless_compiling_was_asked_f
     def fail(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(draft_model, "compile_decode", fail)
+    monkeypatch.setattr(draft_model, "compiled_decode_steps", fail)
     model_dir = str(tiny_model("LlamaForCausalLM"))
     config = {"method": "draft_model", "model": draft_dir, "num_speculative_tokens": 2}
     with caplog.at_level("WARNING"):

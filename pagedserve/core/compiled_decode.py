@@ -20,9 +20,9 @@ measured on tiny-py at batch 1, the opaque op and its metadata were 40% of a com
 other backend stays the opaque ``pagedserve::attention`` op (its per-step metadata is host
 state), so every attention backend keeps working under it.
 
-The graphs are compiled at start-up, largest first (every batch size is run once), and kept by inductor's own on-disk caches
-(the FX graph and AOT autograd caches, on by default), so a second start with the same model,
-dtype and sizes compiles much faster than the first. Compiling is slow on a small CPU (tens of
+The graphs are compiled at start-up, largest first (every batch size is run once), and kept by
+inductor's own on-disk caches (the FX graph and AOT autograd caches, on by default), so a second
+start with the same model, dtype and sizes compiles much faster than the first. Compiling is slow on a small CPU (tens of
 seconds a size on two cores, measured in docs/benchmarks.md), which is why it is opt-in and the
 CPU default sizes are few.
 """
@@ -38,9 +38,11 @@ import torch
 from torch import nn
 
 from pagedserve.core.config import ConfigError
+from pagedserve.core.cuda_graphs import PaddedDecode
 from pagedserve.core.forward_context import traced_decode_step
 
 if TYPE_CHECKING:
+    from pagedserve.core.config import EngineConfig
     from pagedserve.core.cuda_graphs import Forward
     from pagedserve.core.layers.attention import AttentionBackend
 
@@ -131,3 +133,15 @@ def compile_decode(model: nn.Module, num_sizes: int, backend: AttentionBackend,
         reason = str(exc).split(", known options are")[0]
         raise ConfigError(f"compilation_config inductor_compile_config: {reason}") from None
 
+
+def compiled_decode_steps(config: EngineConfig, model: nn.Module, backend: AttentionBackend, sizes: list[int],
+                          num_blocks: int, device: torch.device, exact: bool) -> PaddedDecode:
+    """The decode steps of up to ``sizes[-1]`` requests through ``compile_decode``'s forward, to
+    be compiled by their ``compile_all``: each batch at its own size when ``exact`` and the
+    backend traces its attention (``PaddedDecode.exact``; room for a graph per size, should a
+    model specialise every batch size), else padded to ``sizes``."""
+    traced = type(backend).supports_traced_decode
+    exact = exact and traced
+    forward = compile_decode(model, sizes[-1] if exact else len(sizes), backend, config.inductor_compile_config)
+    return PaddedDecode(config, sizes, backend, forward, num_blocks, device, capture=False, traced=traced,
+                        exact=exact)

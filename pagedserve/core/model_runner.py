@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pagedserve.core.compiled_decode import compile_decode, default_compile_sizes
+from pagedserve.core.compiled_decode import compiled_decode_steps, default_compile_sizes
 from pagedserve.core.config import ConfigError, EngineConfig
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes, cuda_graph_reason
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
@@ -134,14 +134,9 @@ class ModelRunner(RunnerStartUp, ModelRunnerBase):
         if compiled:
             sizes = capture_sizes(config) if config.cuda_graph_sizes else default_compile_sizes(
                 config.scheduler.max_num_seqs)
-            traced = type(self.backend).supports_traced_decode
-            # Without sizes asked for, each batch runs at its own size (``PaddedDecode.exact``): at
-            # worst (a model specialising every batch size) a graph per size.
-            exact = traced and not config.cuda_graph_sizes
-            forward = compile_decode(self.model, sizes[-1] if exact else len(sizes), self.backend,
-                                     config.inductor_compile_config)
-            self.padded_decode = PaddedDecode(config, sizes, self.backend, forward, self.num_kv_blocks,
-                                              self.device, capture=False, traced=traced, exact=exact)
+            # Without sizes asked for, each batch runs at its own size (``PaddedDecode.exact``).
+            self.padded_decode = compiled_decode_steps(config, self.model, self.backend, sizes, self.num_kv_blocks,
+                                                       self.device, exact=not config.cuda_graph_sizes)
             with phase("decode step compile"), torch.inference_mode():
                 self.padded_decode.compile_all()
         elif pad:

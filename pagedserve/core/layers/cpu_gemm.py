@@ -14,8 +14,7 @@ The compiled CPU decode step (``-O3``) calls it too, as the opaque op ``pagedser
 so its small decode matmuls and the LM head read the packed weights, and so do the prefill steps it
 runs eagerly; without it they were plain bf16 matmuls that re-lay their weight out every call
 (measured on the bundled-scale Mixtral's compiled one-sequence step: the head 313 µs against
-158 packed). Two
-engines keep the dense weights: ``torch_compile`` (its dynamic shapes would specialize on the
+158 packed). Two engines keep the dense weights: ``torch_compile`` (its dynamic shapes would specialize on the
 row threshold) and ``-O3`` with inductor's own ``freezing`` (``inductor_compile_config``), which
 packs them itself. A packed linear layer drops its dense weight (one copy in memory); a tied LM
 head keeps it, since the embedding reads it, and holds the packed copy beside.

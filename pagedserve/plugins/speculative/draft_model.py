@@ -41,7 +41,7 @@ import torch
 
 from pagedserve.assets import DEFAULT_MODEL, DRAFT_MODEL, bundled_model_path
 from pagedserve.core.config import ConfigError, EngineConfig, ModelConfig
-from pagedserve.core.compiled_decode import compile_decode, default_compile_sizes
+from pagedserve.core.compiled_decode import compiled_decode_steps, default_compile_sizes
 from pagedserve.core.cuda_graphs import PaddedDecode, capture_sizes
 from pagedserve.core.forward_context import build_batch_layout, set_forward_context
 from pagedserve.core.layers.attention import Attention
@@ -242,11 +242,8 @@ class DraftModelProposer(Proposer):
     def _compiled_decode(self, sizes: list[int], num_blocks: int) -> PaddedDecode:
         """The draft's decode step compiled for ``sizes`` at start-up, on the one thread it runs
         with (inductor's generated kernels and its cache depend on the thread count)."""
-        traced = type(self.backend).supports_traced_decode
-        forward = compile_decode(self.model, sizes[-1] if traced else len(sizes), self.backend,
-                                 self.config.inductor_compile_config)
-        decode = PaddedDecode(self.config, sizes, self.backend, forward, num_blocks, self.device, capture=False,
-                              traced=traced, exact=traced)
+        decode = compiled_decode_steps(self.config, self.model, self.backend, sizes, num_blocks, self.device,
+                                       exact=True)
         with _one_thread(self.device), torch.inference_mode():
             decode.compile_all()
         return decode
