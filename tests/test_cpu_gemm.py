@@ -153,3 +153,33 @@ def test_padded_rows_give_f_linear_on_the_real_rows(dtype: torch.dtype, shape: t
     got = cpu_gemm.packed_linear(x, cpu_gemm.pack(weight), bias)
     assert got.shape == (*shape[:-1], 96)
     torch.testing.assert_close(got, F.linear(x, weight, bias), **tolerance)
+
+
+def test_time_both_takes_turns_over_copies_larger_than_the_l2_cache(monkeypatch) -> None:
+    """Each timed call reads the next copy of the weight, as a layer's call in a model's step
+    finds its weight evicted by the others'; the copies are the weight's."""
+    weight = torch.randn(256, 256)
+    read: dict[str, list[torch.Tensor]] = {"dense": [], "packed": []}
+    linear = F.linear
+
+    def f_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        read["dense"].append(w)
+        return linear(x, w)
+
+    def packed_linear(x: torch.Tensor, p: torch.Tensor, bias: None) -> torch.Tensor:
+        read["packed"].append(p)
+        return torch.ops.mkldnn._linear_pointwise(x, p, bias, "none", [], "")
+
+    monkeypatch.setattr(cpu_gemm.F, "linear", f_linear)
+    monkeypatch.setattr(cpu_gemm, "packed_linear", packed_linear)
+    monkeypatch.setattr(cpu_gemm, "_best_time", lambda fn: [fn() for _ in range(200)] and 1.0)
+    cpu_gemm.time_both(weight, cpu_gemm.pack(weight), 3)
+    copies = cpu_gemm.ROTATION_BYTES // (weight.numel() * 4)
+    assert copies == 64
+    for kind, tensors in read.items():
+        assert len({id(t) for t in tensors}) == copies, kind
+        assert [id(t) for t in tensors[:copies]] == [id(t) for t in tensors[copies:2 * copies]]
+    x = torch.randn(3, 256)
+    for w, p in zip(read["dense"][:copies], read["packed"][:copies]):
+        torch.testing.assert_close(w, weight, rtol=0, atol=0)
+        torch.testing.assert_close(packed_linear(x, p, None), F.linear(x, weight))

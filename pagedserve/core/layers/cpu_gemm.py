@@ -4,8 +4,9 @@
 verification step runs far below the memory bandwidth: on a 2-core AMD EPYC (AVX-512, no AMX),
 a 384 x 4,096 head took 144 µs at 1 row and 316 µs at 5 (2 threads), against 67 and 94 µs for
 oneDNN's inner product on the same weight reordered into its blocked layout, and it stayed faster
-packed up to a 512-token prefill, in float32 and bfloat16 alike; on small weights MKL wins
-(docs/benchmarks.md, "oneDNN prepacked weights"). The reorder is the one inductor's ``freezing`` applies
+packed up to a 512-token prefill, in float32 and bfloat16 alike; on a small weight hot in the
+cache MKL can win, though not in a model's step, where the other layers' weights have evicted it
+(``time_both``; docs/benchmarks.md, "oneDNN prepacked weights"). The reorder is the one inductor's ``freezing`` applies
 (``mkldnn._reorder_linear_weight``), and the matmul the op it emits
 (``mkldnn._linear_pointwise``): no code of ours computes.
 
@@ -22,6 +23,7 @@ head keeps it, since the embedding reads it, and holds the packed copy beside.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -135,10 +137,24 @@ def _best_time(fn: Callable[[], object], budget: float = 0.02, repeats: int = 5)
     return best
 
 
+#: The bytes of weight copies each shape is timed on in turn (``time_both``): more than any
+#: core's L2 (1-2 MiB on current x86 server cores), as in a model's step, where the other layers'
+#: weights evict a layer's own between two of its calls. Timed on one copy, hot in L2, MKL won
+#: at 1 row on the bundled model's 384 x 384 and 640 x 384 float32 weights (12 against 20 µs);
+#: taking turns over 16 MiB of copies oneDNN won every shape at every row count (26 against 60).
+ROTATION_BYTES = 16 << 20
+
+
 def time_both(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> tuple[float, float]:
-    """The best times a call of ``F.linear`` and ``packed_linear`` on ``rows`` rows."""
+    """The best times a call of ``F.linear`` and ``packed_linear`` on ``rows`` rows, each call on
+    the next of ``ROTATION_BYTES`` of copies of ``weight`` (and of ``packed``)."""
+    copies = max(1, ROTATION_BYTES // (weight.numel() * weight.element_size()))
+    dense = [weight] + [weight.clone() for _ in range(copies - 1)]
+    onednn = [packed] + [pack(w) for w in dense[1:]]
     x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
-    return (_best_time(lambda: F.linear(x, weight)), _best_time(lambda: packed_linear(x, packed, None)))
+    turn = itertools.count()
+    return (_best_time(lambda: F.linear(x, dense[next(turn) % copies])),
+            _best_time(lambda: packed_linear(x, onednn[next(turn) % copies], None)))
 
 
 Timer = Callable[[torch.Tensor, torch.Tensor, int], tuple[float, float]]
@@ -147,8 +163,8 @@ Timer = Callable[[torch.Tensor, torch.Tensor, int], tuple[float, float]]
 def packed_from_rows(weight: torch.Tensor, packed: torch.Tensor, timer: Timer | None = None) -> int | None:
     """The fewest rows from which the packed matmul is faster, of ``CALIBRATION_ROWS``, timed on
     this machine from the most rows down (None: not even at the most). oneDNN pays a fixed cost
-    a call (about 15 µs measured) that MKL does not on a small weight, while MKL's few-row sgemm
-    runs far below the bandwidth on a large one: which wins depends on the shape and the CPU."""
+    a call (about 15 µs measured) that MKL does not, while MKL's few-row sgemm runs far below the
+    bandwidth: which wins depends on the shape, the CPU and its caches."""
     first = None
     for rows in reversed(CALIBRATION_ROWS):
         dense, onednn = (timer or time_both)(weight, packed, rows)
