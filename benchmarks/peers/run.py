@@ -9,8 +9,9 @@ Scenarios, per model:
   only continuous batching); CTranslate2's ``generate_batch`` (one static batch: it runs to the
   longest output, only the requested tokens count); transformers ``generate`` one request at a
   time on the first ``--sequential-prompts`` requests (a rate).
-- ``serve-64``: ``pagedserve serve`` and ``llama-server``, the same 64 requests all at once
-  through their OpenAI ``/v1/completions`` routes (token-id prompts, ``ignore_eos``).
+- ``serve-64``: ``pagedserve serve`` (eager, and ``pagedserve-serve-O3`` with the same
+  ``compilation_config`` as ``pagedserve-O3``) and ``llama-server``, the same 64 requests all at
+  once through their OpenAI ``/v1/completions`` routes (token-id prompts, ``ignore_eos``).
 - ``batch-1``: one request, a 32-token prompt and 256 output tokens (``--batch1-tokens``), every
   system.
 
@@ -162,11 +163,15 @@ def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted:
     if "pagedserve-O3" in wanted:  # the compiled CPU decode step (compilation_config level 3), opt-in
         systems["pagedserve-O3"] = Worker(sys.executable, "pagedserve", str(folder), args.threads,
                                           {**pagedserve_extra, "compilation_config": json.loads(args.o3_config)})
+    serve = [str(Path(sys.executable).parent / "pagedserve"), "--log-level", "WARNING", "serve", str(folder),
+             "--max-num-seqs", "64", "--max-model-len", "512", *options]
     if "pagedserve-serve" in wanted:
-        command = [str(Path(sys.executable).parent / "pagedserve"), "--log-level", "WARNING", "serve", str(folder),
-                   "--port", str(args.port), "--max-num-seqs", "64", "--max-model-len", "512", *options]
-        systems["pagedserve-serve"] = Server(command, args.port, args.threads, "pagedserve serve",
-                                             logs / f"pagedserve-serve-{model}-{precision}.log")
+        systems["pagedserve-serve"] = Server([*serve, "--port", str(args.port)], args.port, args.threads,
+                                             "pagedserve serve", logs / f"pagedserve-serve-{model}-{precision}.log")
+    if "pagedserve-serve-O3" in wanted:
+        command = [*serve, "--port", str(args.port + 2), "--compilation-config", args.o3_config]
+        systems["pagedserve-serve-O3"] = Server(command, args.port + 2, args.threads, "pagedserve serve -O3",
+                                                logs / f"pagedserve-serve-O3-{model}-{precision}.log")
     if "llama.cpp" in wanted:
         gguf = Path(args.gguf_dir) / f"{model}-{gguf_type}.gguf"
         command = [args.llama_server, "-m", str(gguf), "--port", str(args.port + 1), "-t", str(args.threads),
@@ -219,7 +224,7 @@ PRECISIONS: dict[str, tuple[str, str | None, dict[str, str]]] = {
 #: offline continuous batching).
 PLAN = {
     "offline-64": ["pagedserve", "pagedserve-O3", "llama.cpp", "ctranslate2", "transformers"],
-    "serve-64": ["pagedserve-serve", "llama.cpp"],
+    "serve-64": ["pagedserve-serve", "pagedserve-serve-O3", "llama.cpp"],
     "batch-1": ["pagedserve", "pagedserve-O3", "llama.cpp", "ctranslate2", "transformers"],
 }
 
@@ -274,9 +279,10 @@ def targets(model: str, medians: dict[str, dict[str, float]]) -> list[dict[str, 
             continue
         if name not in medians:
             continue
-        for system in ["pagedserve-serve"] if name == "serve-64" else ["pagedserve", "pagedserve-O3"]:
+        ours_list = ["pagedserve-serve", "pagedserve-serve-O3"] if name == "serve-64" else ["pagedserve", "pagedserve-O3"]
+        for system in ours_list:
             ours, theirs = medians[name].get(system), medians[name].get(peer)
-            if ours is None and system == "pagedserve-O3":
+            if ours is None and system.endswith("-O3"):
                 continue
             ratio = ours / theirs if ours and theirs else None
             rows.append({"scenario": name, "system": system, "peer": peer, "ratio": ratio, "target": least,
@@ -292,7 +298,8 @@ def targets(model: str, medians: dict[str, dict[str, float]]) -> list[dict[str, 
 
 def table(results: dict[str, Any]) -> str:
     """The docs table: medians per model, scenario and precision, then every target's ratio."""
-    systems = ["pagedserve", "pagedserve-O3", "pagedserve-serve", "llama.cpp", "ctranslate2", "transformers"]
+    systems = ["pagedserve", "pagedserve-O3", "pagedserve-serve", "pagedserve-serve-O3", "llama.cpp", "ctranslate2",
+               "transformers"]
     lines = ["| output tok/s (medians) | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
     for precision, by_model in results["precisions"].items():
         for model, result in by_model.items():
@@ -347,7 +354,7 @@ def main() -> None:
     parser.add_argument("--models-dir", required=True)
     parser.add_argument("--models", default="tiny-py,smollm-135m-shape")
     parser.add_argument("--systems",
-                        default="pagedserve,pagedserve-O3,pagedserve-serve,llama.cpp,ctranslate2,transformers")
+                        default="pagedserve,pagedserve-O3,pagedserve-serve,pagedserve-serve-O3,llama.cpp,ctranslate2,transformers")
     parser.add_argument("--precision", default="fp32,int8", help="comma-separated: fp32, int8, bf16")
     parser.add_argument("--scenarios", default=",".join(PLAN), help="a subset of " + ", ".join(PLAN))
     parser.add_argument("--large-scenarios", default="offline-64,batch-1", help=f"the same, for {LARGE_MODEL}")
