@@ -20,7 +20,7 @@ per-part medians over the steps are reported (ms and share of the step).
 (the wall clock there counts the time the process waited for a core).
 
 Usage: python benchmarks/step_overhead.py MODEL [--batch 1,64] [--steps 64] [--metrics]
-       [--dtype float32] [--threads N] [--clock wall|thread] [--output-json FILE]
+       [--dtype float32] [--threads N] [--clock wall|thread] [--compilation-config JSON] [--output-json FILE]
 """
 
 from __future__ import annotations
@@ -157,13 +157,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--metrics", action="store_true", help="register the server's Prometheus metrics")
+    parser.add_argument("--compilation-config", type=json.loads, default=None,
+                        help="the engine's compilation_config, JSON (e.g. 3 for -O3)")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall clock, or this thread's CPU time (with --threads 1, for a loaded machine)")
     parser.add_argument("--output-json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine = LLMEngine(engine_config_from_args(args.model, dtype=args.dtype, max_num_seqs=64, max_model_len=512))
+    engine = LLMEngine(engine_config_from_args(args.model, dtype=args.dtype, max_num_seqs=64, max_model_len=512,
+                                               compilation_config=args.compilation_config))
     if args.metrics:
         from pagedserve.core.metrics import EngineMetrics
 
@@ -172,7 +175,7 @@ def main() -> None:
     instrument(engine, clock)
     results = {
         "commit": git_commit(), "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "metrics": args.metrics, "clock": args.clock, "load_average_before": os.getloadavg()[0], "runs": [],
+        "metrics": args.metrics, "clock": args.clock, "compilation_config": args.compilation_config, "load_average_before": os.getloadavg()[0], "runs": [],
     }
     for batch in (int(b) for b in args.batch.split(",")):
         run = steady_decode(engine, clock, batch, args.steps, args.prompt_len)
