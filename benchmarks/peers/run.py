@@ -100,8 +100,9 @@ class ServerExited(RuntimeError):
 class Server:
     """An OpenAI-compatible server process, and the same concurrent client for every server."""
 
-    def __init__(self, command: list[str], port: int, threads: int, name: str, log: Path) -> None:
-        self.name, self.port, self.log, self.command = name, port, log, command
+    def __init__(self, command: list[str], port: int, threads: int, name: str, log: Path,
+                 no_penalty: dict[str, float]) -> None:
+        self.name, self.port, self.log, self.command, self.no_penalty = name, port, log, command, no_penalty
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -121,7 +122,8 @@ class Server:
 
     def run(self, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
         async def one(client: httpx.AsyncClient, prompt: list[int], n: int) -> int:
-            body = {"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True}
+            body = {"model": self.model, "prompt": prompt, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
+                    **self.no_penalty}
             response = await client.post(f"http://127.0.0.1:{self.port}/v1/completions", json=body)
             response.raise_for_status()
             return int(response.json()["usage"]["completion_tokens"])
@@ -163,22 +165,25 @@ def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted:
     if "pagedserve-O3" in wanted:  # the compiled CPU decode step (compilation_config level 3), opt-in
         systems["pagedserve-O3"] = Worker(sys.executable, "pagedserve", str(folder), args.threads,
                                           {**pagedserve_extra, "compilation_config": json.loads(args.o3_config)})
+    # Plain greedy on every server: pagedserve serve takes the model's generation_config defaults,
+    # as vLLM does (tiny-py's has repetition_penalty 1.1); llama-server's default is 1.0 already.
+    ours, theirs = {"repetition_penalty": 1.0}, {"repeat_penalty": 1.0}
     serve = [str(Path(sys.executable).parent / "pagedserve"), "--log-level", "WARNING", "serve", str(folder),
              "--max-num-seqs", "64", "--max-model-len", "512", *options]
     if "pagedserve-serve" in wanted:
         systems["pagedserve-serve"] = Server([*serve, "--port", str(args.port)], args.port, args.threads,
-                                             "pagedserve serve", logs / f"pagedserve-serve-{model}-{precision}.log")
+                                             "pagedserve serve", logs / f"pagedserve-serve-{model}-{precision}.log", ours)
     if "pagedserve-serve-O3" in wanted:
         command = [*serve, "--port", str(args.port + 2), "--compilation-config", args.o3_config]
         systems["pagedserve-serve-O3"] = Server(command, args.port + 2, args.threads, "pagedserve serve -O3",
-                                                logs / f"pagedserve-serve-O3-{model}-{precision}.log")
+                                                logs / f"pagedserve-serve-O3-{model}-{precision}.log", ours)
     if "llama.cpp" in wanted:
         gguf = Path(args.gguf_dir) / f"{model}-{gguf_type}.gguf"
         command = [args.llama_server, "-m", str(gguf), "--port", str(args.port + 1), "-t", str(args.threads),
                    "-tb", str(args.threads), "-np", "64", "-c", str(64 * 512), "-cb", "--no-webui"]
         log = logs / f"llama-server-{model}-{precision}.log"
         try:
-            systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server", log)
+            systems["llama.cpp"] = Server(command, args.port + 1, args.threads, "llama-server", log, theirs)
         except ServerExited as exc:
             if exc.returncode >= 0:
                 raise
@@ -188,7 +193,8 @@ def _start_systems(args: argparse.Namespace, model: str, precision: str, wanted:
             # the results), not without llama.cpp.
             print(f"llama-server died of signal {-exc.returncode} ({log}); restarting it with --no-repack",
                   flush=True)
-            systems["llama.cpp"] = Server([*command, "--no-repack"], args.port + 1, args.threads, "llama-server", log)
+            systems["llama.cpp"] = Server([*command, "--no-repack"], args.port + 1, args.threads, "llama-server", log,
+                                          theirs)
     if "ctranslate2" in wanted and ct2_type is not None:
         ct2 = Path(args.ct2_dir) / f"{model}"
         systems["ctranslate2"] = Worker(args.ct2_python, "ctranslate2", str(ct2), args.threads,
