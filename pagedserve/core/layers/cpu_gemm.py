@@ -105,14 +105,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lay
 def packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``packed_linear``, as the opaque op ``pagedserve::packed_linear`` under ``torch.compile``."""
     if torch.compiler.is_compiling():
-        return _packed_linear_op(x, packed, bias)
+        return torch.ops.pagedserve.packed_linear.default(x, packed, bias)
     return packed_linear(x, packed, bias)
 
 
-_packed_linear_op = torch.library.custom_op("pagedserve::packed_linear", packed_linear, mutates_args=())
+# Registered with ``torch.library.Library`` rather than ``torch.library.custom_op`` (as the other
+# ops of ours are): a compiled step calls it for every matmul, and custom_op's Python wrapper cost
+# 3.2 µs more a call (16 packed 64 x 64 matmuls in a compiled graph: 392 against 444 µs).
+_library = torch.library.Library("pagedserve", "FRAGMENT")
+_library.define("packed_linear(Tensor x, Tensor packed, Tensor? bias) -> Tensor")
+_library.impl("packed_linear", packed_linear, "CompositeExplicitAutograd")
 
 
-@_packed_linear_op.register_fake
+@torch.library.register_fake("pagedserve::packed_linear")
 def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
