@@ -175,7 +175,8 @@ def main() -> None:
     instrument(engine, clock)
     results = {
         "commit": git_commit(), "model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "metrics": args.metrics, "clock": args.clock, "compilation_config": args.compilation_config, "load_average_before": os.getloadavg()[0], "runs": [],
+        "metrics": args.metrics, "clock": args.clock, "compilation_config": args.compilation_config,
+        "load_average_before": os.getloadavg()[0], "runs": [],
     }
     for batch in (int(b) for b in args.batch.split(",")):
         run = steady_decode(engine, clock, batch, args.steps, args.prompt_len)

@@ -173,7 +173,7 @@ def test_time_both_takes_turns_over_copies_larger_than_the_l2_cache(monkeypatch)
     monkeypatch.setattr(cpu_gemm.F, "linear", f_linear)
     monkeypatch.setattr(cpu_gemm, "packed_linear", packed_linear)
     monkeypatch.setattr(cpu_gemm, "_best_time", lambda fn: [fn() for _ in range(200)] and 1.0)
-    cpu_gemm.time_both(weight, cpu_gemm.pack(weight), 3)
+    cpu_gemm.time_both(*cpu_gemm.rotation(weight, cpu_gemm.pack(weight)), 3)
     copies = cpu_gemm.ROTATION_BYTES // (weight.numel() * 4)
     assert copies == 64
     for kind, tensors in read.items():

@@ -150,19 +150,24 @@ def _best_time(fn: Callable[[], object], budget: float = 0.02, repeats: int = 5)
 ROTATION_BYTES = 16 << 20
 
 
-def time_both(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> tuple[float, float]:
-    """The best times a call of ``F.linear`` and ``packed_linear`` on ``rows`` rows, each call on
-    the next of ``ROTATION_BYTES`` of copies of ``weight`` (and of ``packed``)."""
+def rotation(weight: torch.Tensor, packed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``ROTATION_BYTES`` of copies of ``weight`` and the same number of ``packed`` (each list
+    starting with the original), for ``time_both`` to take turns over."""
     copies = max(1, ROTATION_BYTES // (weight.numel() * weight.element_size()))
     dense = [weight] + [weight.clone() for _ in range(copies - 1)]
-    onednn = [packed] + [pack(w) for w in dense[1:]]
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    return dense, [packed] + [pack(w) for w in dense[1:]]
+
+
+def time_both(dense: list[torch.Tensor], onednn: list[torch.Tensor], rows: int) -> tuple[float, float]:
+    """The best times a call of ``F.linear`` and ``packed_linear`` on ``rows`` rows, each call on
+    the next of the copies ``dense`` (and ``onednn``) of one weight (``rotation``)."""
+    x = torch.randn(rows, dense[0].shape[1], dtype=dense[0].dtype)
     turn = itertools.count()
-    return (_best_time(lambda: F.linear(x, dense[next(turn) % copies])),
-            _best_time(lambda: packed_linear(x, onednn[next(turn) % copies], None)))
+    return (_best_time(lambda: F.linear(x, dense[next(turn) % len(dense)])),
+            _best_time(lambda: packed_linear(x, onednn[next(turn) % len(onednn)], None)))
 
 
-Timer = Callable[[torch.Tensor, torch.Tensor, int], tuple[float, float]]
+Timer = Callable[[list[torch.Tensor], list[torch.Tensor], int], tuple[float, float]]
 
 
 def packed_from_rows(weight: torch.Tensor, packed: torch.Tensor, timer: Timer | None = None) -> int | None:
@@ -170,9 +175,10 @@ def packed_from_rows(weight: torch.Tensor, packed: torch.Tensor, timer: Timer | 
     this machine from the most rows down (None: not even at the most). oneDNN pays a fixed cost
     a call (about 15 µs measured) that MKL does not, while MKL's few-row sgemm runs far below the
     bandwidth: which wins depends on the shape, the CPU and its caches."""
+    copies = rotation(weight, packed)  # built once for every row count
     first = None
     for rows in reversed(CALIBRATION_ROWS):
-        dense, onednn = (timer or time_both)(weight, packed, rows)
+        dense, onednn = (timer or time_both)(*copies, rows)
         if onednn >= dense:
             break
         first = rows
